@@ -1,0 +1,27 @@
+"""acfx: ACNet (Ding et al., ICCV 2019) training for any CNN, as one call before and one after training.
+
+    acnet = acfx.expand(model)      # every k×k conv→BN becomes an Asymmetric Convolution Block
+    ...                             # train as usual
+    plain = acfx.collapse(acnet)    # the original architecture with the trained weights, exactly
+"""
+from .block import ACBlock, NormTail
+from .collapse import collapse
+from .expand import expand
+from .options import ExpandOptions
+from .padding import DynamicSamePad2d
+from .report import Entry, Report
+from .split_conv import EvenSplitConv2d
+
+__all__ = [
+    "expand",
+    "collapse",
+    "ACBlock",
+    "NormTail",
+    "EvenSplitConv2d",
+    "DynamicSamePad2d",
+    "ExpandOptions",
+    "Report",
+    "Entry",
+]
+
+__version__ = "0.1.0"

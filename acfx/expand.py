@@ -1,0 +1,142 @@
+"""acfx.expand: every eligible k×k conv (and the BN after it) becomes an Asymmetric Convolution Block."""
+from __future__ import annotations
+
+import logging
+from typing import Literal, Optional, Sequence, Tuple, Type, Union, overload
+
+import torch.nn as nn
+
+from ._checks import check_model, working_copy
+from .block import ACBlock, NormTail
+from .build import build_site
+from .options import ExpandOptions, FilterFn
+from .report import Report
+from .rewrite import ModuleSwaps
+from .sites import ConvSite, find_conv_sites
+from .tracing import AcfxTracer, shared_module_names, trace_parts
+
+__all__ = ["expand"]
+
+logger = logging.getLogger(__name__)
+
+
+def _describe(site: ConvSite) -> str:
+    kh, kw = site.conv.kernel_size
+    norm = type(site.norm).__name__ if site.norm is not None else "no BN"
+    return f"{type(site.conv).__name__} {kh}x{kw} → {norm}"
+
+
+def _refuse_expanded(model: nn.Module) -> None:
+    for name, module in model.named_modules():
+        if isinstance(module, (ACBlock, NormTail)):
+            raise ValueError(
+                f"acfx.expand: the model is already expanded ({type(module).__name__} at "
+                f"'{name or '<model>'}'); expanding again would nest blocks. Expand the plain model, or "
+                "call acfx.collapse first.")
+
+
+@overload
+def expand(model: nn.Module, *, init: str = ..., inplace: bool = ..., branches: str = ..., norm: str = ...,
+           placement: str = ..., gamma_init: Optional[float] = ..., include_unnormed: bool = ...,
+           filter_fn: Optional[FilterFn] = ..., leaf_modules: Sequence[Type[nn.Module]] = ...,
+           return_report: Literal[False] = ...) -> nn.Module: ...
+
+
+@overload
+def expand(model: nn.Module, *, init: str = ..., inplace: bool = ..., branches: str = ..., norm: str = ...,
+           placement: str = ..., gamma_init: Optional[float] = ..., include_unnormed: bool = ...,
+           filter_fn: Optional[FilterFn] = ..., leaf_modules: Sequence[Type[nn.Module]] = ...,
+           return_report: Literal[True]) -> Tuple[nn.Module, Report]: ...
+
+
+def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, branches: str = "both",
+           norm: str = "branch", placement: str = "centre", gamma_init: Optional[float] = None,
+           include_unnormed: bool = False, filter_fn: Optional[FilterFn] = None,
+           leaf_modules: Sequence[Type[nn.Module]] = (), return_report: bool = False
+           ) -> Union[nn.Module, Tuple[nn.Module, Report]]:
+    """Replace every eligible k×k convolution (and the BatchNorm after it) by an ACB for training.
+
+    The model is traced with torch.fx (timm's leaf modules and functions included; where the whole model
+    does not trace, its largest parts that do). A conv is eligible when both kernel sides are ≥ 2, it is
+    an nn.Conv2d or timm Conv2dSame called once, and its output goes only to a BatchNorm (nn.BatchNorm2d,
+    nn.SyncBatchNorm, timm BatchNormAct2d/SyncBatchNormAct) that tracks running statistics. The conv's
+    module becomes an :class:`~acfx.ACBlock` and the BN's slot a :class:`~acfx.NormTail` (which still
+    applies a timm norm-act layer's drop and activation). The model keeps its class, methods, attributes,
+    device, dtype, train/eval mode and requires_grad flags.
+
+    Args:
+        model: any nn.Module.
+        init: "scratch": the k×k branch keeps the conv and its BN, the new 1×k/k×1 convs are initialised
+            as nn.Conv2d initialises, their BNs at γ=1, β=0. "preserve": the new branch BNs start at
+            γ=β=0 (with norm="sum" the new kernels start at 0), so the expanded model computes exactly the
+            original function in train and eval mode; use it to fine-tune a pretrained model.
+        inplace: rewrite ``model`` itself instead of a deep copy. On error the model is left as it was.
+        branches: "both" (the paper's ACB), "hor" (1×k only) or "ver" (k×1 only).
+        norm: "branch": one BN per branch (the paper's best); "sum": no branch BNs, the original BN stays
+            after the sum of the three convs.
+        placement: "centre" (the kernel skeleton, the paper's choice) or "border" (bottom row / right
+            column, the paper's ablation). Even kernel sides (2×2, 4×4) have no centre row: "centre" splits
+            the branch's output channels between the two middle rows (even channels upper/left, odd
+            lower/right) so that no half-pixel shift builds up with depth.
+        gamma_init: with init="scratch", set the initial γ of all three branch BNs (the ACNet reference
+            suggests 1/3 when training does not improve). None leaves the k×k BN as it is and the new BNs at 1.
+        include_unnormed: also expand eligible convs that no BN follows (e.g. DenseNet convs feeding a
+            concat): the k×k branch stays without BN, the 1×k/k×1 branches get BNs of their own, and the
+            collapsed conv gains a bias (reported as a change of structure).
+        filter_fn: ``filter_fn(conv_module, qualified_name) -> bool``; only convs it accepts are expanded.
+        leaf_modules: extra module classes the tracer must not trace into.
+        return_report: also return a :class:`~acfx.Report` of every conv found: expanded, or skipped and why.
+
+    Expanding an already-expanded model raises ValueError (blocks would nest).
+
+    Example::
+
+        >>> import acfx, timm
+        >>> model = timm.create_model("resnet18")
+        >>> acnet, report = acfx.expand(model, return_report=True)
+        >>> print(report.summary())
+        acfx expand: 19 expanded, 1 skipped
+        >>> deployable = acfx.collapse(acnet.eval())   # a plain resnet18 again
+    """
+    check_model(model, "expand")
+    opts = ExpandOptions(init, branches, norm, placement, gamma_init, include_unnormed, filter_fn,
+                         tuple(leaf_modules))
+    _refuse_expanded(model)
+    target = working_copy(model, inplace, "expand")
+    tracer = lambda: AcfxTracer(leaf_types=(ACBlock, NormTail) + opts.leaf_modules)  # noqa: E731
+    parts, untraced = trace_parts(target, tracer)
+    shared = shared_module_names(target)
+    report = Report("expand")
+    for part in untraced:
+        report.add(part.name, "untraced", "module", f"{part.error}; traced its children instead")
+    replacements = {}
+    for part in parts:
+        for site in find_conv_sites(part, shared, 2, opts.filter_fn, opts.include_unnormed):
+            replacements.update(_rewrite_site(site, opts, report))
+    swaps = ModuleSwaps(target)
+    try:
+        result = swaps.apply(replacements)
+    except BaseException:
+        swaps.undo()
+        raise
+    if not replacements:
+        logger.info("acfx.expand: nothing expanded in %s", type(model).__name__)
+    return (result, report) if return_report else result
+
+
+def _rewrite_site(site: ConvSite, opts: ExpandOptions, report: Report) -> dict:
+    """The replacements for one site (none if it is skipped), recorded in ``report``."""
+    if site.skip:
+        logger.debug("acfx.expand: skipped %s: %s", site.name, site.skip)
+        report.add(site.name, "skipped", _describe(site), site.skip)
+        return {}
+    built = build_site(site.conv, site.norm, opts)
+    detail, changes = "", False
+    if site.norm is None:
+        detail = f"{site.no_norm}: expanded without a BN after the conv; collapse adds a conv bias"
+        changes = site.conv.bias is None and opts.norm == "branch"
+    report.add(site.name, "expanded", _describe(site), detail, changes)
+    replacements = {site.name: built.block}
+    if built.tail is not None:
+        replacements[site.norm_name] = built.tail
+    return replacements

@@ -1,0 +1,97 @@
+"""The BatchNorm kinds acfx splits into branch BNs, and how it builds and rebuilds them.
+
+Supported: nn.BatchNorm2d, nn.SyncBatchNorm, and timm's BatchNormAct2d / SyncBatchNormAct (BN subclasses
+that also apply a drop and an activation; those two stay in the BN's slot, see NormTail).
+"""
+from __future__ import annotations
+
+from typing import Dict, Optional
+
+import torch
+import torch.nn as nn
+
+try:  # timm is optional at import time
+    from timm.layers import BatchNormAct2d as _BatchNormAct2d
+    from timm.layers.norm_act import SyncBatchNormAct as _SyncBatchNormAct
+    _NORM_ACT = (_BatchNormAct2d, _SyncBatchNormAct)
+except ImportError:  # pragma: no cover - timm is a dependency, but acfx works on plain torch too
+    _NORM_ACT = ()
+
+__all__ = ["is_batch_norm", "unsupported_norm_reason", "branch_norm", "plain_norm", "tail_children"]
+
+_PLAIN = (nn.BatchNorm2d, nn.SyncBatchNorm)
+
+
+def is_batch_norm(module: nn.Module) -> bool:
+    """Any BatchNorm-like module (supported or not), for reporting what follows a conv."""
+    return isinstance(module, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(module).__name__
+
+
+def unsupported_norm_reason(module: nn.Module) -> Optional[str]:
+    """Why this BN cannot be split into branch BNs, or None if it can."""
+    kind = type(module)
+    if kind not in _PLAIN + _NORM_ACT:
+        if "Frozen" in kind.__name__:
+            return (f"followed by {kind.__name__}: frozen statistics cannot become per-branch batch "
+                    "statistics; unfreeze it first (timm.layers.unfreeze_batch_norm_2d) to expand it")
+        return f"norm type {kind.__name__} is not supported (nn.BatchNorm2d, nn.SyncBatchNorm, timm BatchNormAct2d)"
+    if not module.track_running_stats or module.running_mean is None:
+        return ("BN does not track running statistics: it normalises with batch statistics even in eval, "
+                "so the branches could never be fused")
+    return None
+
+
+def _norm_class(module: nn.Module):
+    sync = isinstance(module, nn.SyncBatchNorm)
+    return nn.SyncBatchNorm if sync else nn.BatchNorm2d
+
+
+def _like(module: nn.Module) -> nn.Module:
+    """A new plain BN with the configuration of ``module`` (affine, eps, momentum, process group)."""
+    cls = _norm_class(module)
+    kwargs = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
+                  track_running_stats=module.track_running_stats)
+    if cls is nn.SyncBatchNorm:
+        kwargs["process_group"] = module.process_group
+    ref = module.weight if module.affine else module.running_mean
+    new = cls(module.num_features, device=ref.device, dtype=ref.dtype, **kwargs)
+    new.train(module.training)
+    return new
+
+
+def branch_norm(module: nn.Module, gamma: Optional[float], beta: Optional[float] = None) -> nn.Module:
+    """A fresh BN for an asymmetric branch, configured like ``module``, γ/β set when given."""
+    new = _like(module)
+    if module.affine:
+        with torch.no_grad():
+            if gamma is not None:
+                new.weight.fill_(gamma)
+            if beta is not None:
+                new.bias.fill_(beta)
+        new.weight.requires_grad_(module.weight.requires_grad)
+        new.bias.requires_grad_(module.bias.requires_grad)
+    return new
+
+
+def plain_norm(module: nn.Module, gamma: Optional[float] = None) -> nn.Module:
+    """A plain BN sharing ``module``'s parameters and statistics (not copies), for the k×k branch.
+
+    ``gamma`` replaces the scale with a new tensor (the user's module is never written to).
+    """
+    new = _like(module)
+    if module.affine:
+        new.weight = module.weight
+        new.bias = module.bias
+        if gamma is not None:
+            new.weight = nn.Parameter(torch.full_like(module.weight, gamma),
+                                      requires_grad=module.weight.requires_grad)
+    new.running_mean = module.running_mean
+    new.running_var = module.running_var
+    new.num_batches_tracked = module.num_batches_tracked
+    return new
+
+
+def tail_children(module: nn.Module) -> Dict[str, nn.Module]:
+    """The drop/act modules a timm norm-act layer applies after normalising, in order."""
+    children = dict(module.named_children())
+    return {name: children[name] for name in ("drop", "act") if name in children}

@@ -1,0 +1,67 @@
+"""Padding and cropping of the input an ACB's branches share."""
+from __future__ import annotations
+
+import math
+from typing import Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .geometry import Window
+
+__all__ = ["DynamicSamePad2d", "make_pad", "crop", "PAD_MODULES"]
+
+# torch.nn padding modules by conv padding_mode; acfx builds these and collapse reads them back.
+PAD_MODULES = {
+    "zeros": nn.ZeroPad2d,
+    "reflect": nn.ReflectionPad2d,
+    "replicate": nn.ReplicationPad2d,
+    "circular": nn.CircularPad2d,
+}
+
+
+def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> Tuple[int, int]:
+    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
+    return total // 2, total - total // 2
+
+
+class DynamicSamePad2d(nn.Module):
+    """TensorFlow 'SAME' zero padding computed from the input size, as timm's Conv2dSame does it.
+
+    The extra pixel of an odd total goes right/bottom.
+    """
+
+    def __init__(self, kernel_size: Tuple[int, int], stride: Tuple[int, int],
+                 dilation: Tuple[int, int]) -> None:
+        super().__init__()
+        self.kernel_size = tuple(kernel_size)
+        self.stride = tuple(stride)
+        self.dilation = tuple(dilation)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        top, bottom = _same_pad(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
+        left, right = _same_pad(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
+        if top or bottom or left or right:
+            x = F.pad(x, (left, right, top, bottom))
+        return x
+
+    def extra_repr(self) -> str:
+        return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}"
+
+
+def make_pad(window: Window, mode: str) -> nn.Module:
+    """A torch.nn padding module that pads by ``window`` in ``mode`` (a conv padding_mode)."""
+    return PAD_MODULES[mode](window.pad_args())
+
+
+def crop(x: torch.Tensor, window: Window) -> torch.Tensor:
+    """Remove ``window`` rows/columns (non-negative amounts) from the sides of an NCHW tensor.
+
+    Written as one static slice so that torch.fx records it as a single getitem collapse can read.
+    """
+    if window.is_zero:
+        return x
+    bottom = -window.bottom if window.bottom else None
+    right = -window.right if window.right else None
+    return x[:, :, window.top:bottom, window.left:right]
