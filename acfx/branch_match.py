@@ -154,16 +154,25 @@ def _slice_bounds(item) -> Optional[Tuple[int, int]]:
     return None
 
 
+def _four_dims(index) -> Optional[tuple]:
+    """An NCHW index spelled out for all four dims (``x[..., a:b]``, ``x[:, :, a:b]``), or None."""
+    if not isinstance(index, tuple):
+        return None
+    if index.count(Ellipsis) == 1:
+        at = index.index(Ellipsis)
+        fill = 4 - (len(index) - 1)
+        index = index[:at] + (slice(None),) * fill + index[at + 1:]
+    elif len(index) < 4:
+        index = index + (slice(None),) * (4 - len(index))
+    return index if len(index) == 4 and Ellipsis not in index else None
+
+
 def _crop_of(node: fx.Node) -> Optional[Window]:
     """The crop a ``x[:, :, a:-b, c:-d]`` getitem node performs, or None if it is not one."""
     if node.op != "call_function" or node.target is not operator.getitem:
         return None
-    index = node.args[1]
-    if not isinstance(index, tuple):
-        return None
-    if index and index[0] is Ellipsis:
-        index = (slice(None), slice(None)) + index[1:]
-    if len(index) != 4 or any(i != slice(None) for i in index[:2]):
+    index = _four_dims(node.args[1])
+    if index is None or any(i != slice(None) for i in index[:2]):
         return None
     rows, cols = _slice_bounds(index[2]), _slice_bounds(index[3])
     if rows is None or cols is None:

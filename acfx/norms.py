@@ -46,10 +46,10 @@ def _norm_class(module: nn.Module):
     return nn.SyncBatchNorm if sync else nn.BatchNorm2d
 
 
-def _like(module: nn.Module) -> nn.Module:
+def _like(module: nn.Module, affine: Optional[bool] = None) -> nn.Module:
     """A new plain BN with the configuration of ``module`` (affine, eps, momentum, process group)."""
     cls = _norm_class(module)
-    kwargs = dict(eps=module.eps, momentum=module.momentum, affine=module.affine,
+    kwargs = dict(eps=module.eps, momentum=module.momentum, affine=module.affine if affine is None else affine,
                   track_running_stats=module.track_running_stats)
     if cls is nn.SyncBatchNorm:
         kwargs["process_group"] = module.process_group
@@ -60,16 +60,19 @@ def _like(module: nn.Module) -> nn.Module:
 
 
 def branch_norm(module: nn.Module, gamma: Optional[float], beta: Optional[float] = None) -> nn.Module:
-    """A fresh BN for an asymmetric branch, configured like ``module``, γ/β set when given."""
-    new = _like(module)
-    if module.affine:
+    """A fresh BN for an asymmetric branch, configured like ``module``, γ/β set when given.
+
+    Setting γ/β needs affine parameters, so the branch BN has them then even if ``module`` has none.
+    """
+    new = _like(module, affine=True if (gamma is not None or beta is not None) else None)
+    if new.affine:
         with torch.no_grad():
             if gamma is not None:
                 new.weight.fill_(gamma)
             if beta is not None:
                 new.bias.fill_(beta)
-        new.weight.requires_grad_(module.weight.requires_grad)
-        new.bias.requires_grad_(module.bias.requires_grad)
+        requires_grad = module.weight.requires_grad if module.affine else True
+        new.requires_grad_(requires_grad)
     return new
 
 

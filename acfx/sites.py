@@ -61,7 +61,7 @@ def _norm_of(node: fx.Node, modules: Dict[str, nn.Module], calls: Dict[str, int]
         return None, "conv output is used by several nodes, not only by a BatchNorm"
     user = users[0]
     if user.op == "output":
-        return None, "conv output leaves the traced part (its consumer is outside it)"
+        return None, "conv output is returned by the traced module, no BatchNorm follows in it"
     if user.op != "call_module" or not is_batch_norm(modules[user.target]):
         return None, f"no BatchNorm follows (output goes to {_op_name(user, modules)})"
     norm = modules[user.target]

@@ -1,0 +1,175 @@
+"""Collapse is a graph pass: it fuses ACNet-style blocks acfx did not create, and says what it leaves."""
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+import acfx
+from helpers import assert_rel_close, randomize_bn
+
+
+class HandWrittenACB(nn.Module):
+    """An ACNet block as one would write it by hand (three conv+BN branches, summed)."""
+
+    def __init__(self, cin, cout, stride=1):
+        super().__init__()
+        self.square_conv = nn.Conv2d(cin, cout, 3, stride, 1, bias=False)
+        self.square_bn = nn.BatchNorm2d(cout)
+        self.hor_conv = nn.Conv2d(cin, cout, (1, 3), stride, (0, 1), bias=False)
+        self.hor_bn = nn.BatchNorm2d(cout)
+        self.ver_conv = nn.Conv2d(cin, cout, (3, 1), stride, (1, 0), bias=False)
+        self.ver_bn = nn.BatchNorm2d(cout)
+
+    def forward(self, x):
+        square = self.square_bn(self.square_conv(x))
+        hor = self.hor_bn(self.hor_conv(x))
+        ver = self.ver_bn(self.ver_conv(x))
+        return square + hor + ver
+
+
+class CroppedACB(nn.Module):
+    """Padding 0: the reference's crop layer, written as slices, with a bias on the square conv."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.square = nn.Conv2d(c, c, 3, bias=True)
+        self.hor = nn.Conv2d(c, c, (1, 3), bias=False)
+        self.hor_bn = nn.BatchNorm2d(c)
+        self.ver = nn.Conv2d(c, c, (3, 1), bias=False)
+        self.ver_bn = nn.BatchNorm2d(c)
+
+    def forward(self, x):
+        return self.square(x) + self.hor_bn(self.hor(x[:, :, 1:-1, :])) + self.ver_bn(self.ver(x[:, :, :, 1:-1]))
+
+
+class ReflectACB(HandWrittenACB):
+    """Pads the input once (reflect) and runs the branches unpadded, cropping the shared input."""
+
+    def __init__(self, c):
+        super().__init__(c, c)
+        for conv in (self.square_conv, self.hor_conv, self.ver_conv):
+            conv.padding = (0, 0)
+
+    def forward(self, x):
+        x = F.pad(x, (1, 1, 1, 1), mode="reflect")
+        return (self.square_bn(self.square_conv(x)) + self.hor_bn(self.hor_conv(x[:, :, 1:-1]))
+                + self.ver_bn(self.ver_conv(x[..., 1:-1])))
+
+
+class RepVGGLike(nn.Module):
+    """3x3 + 1x1 branches with BN: the 1x1 kernel fits at the centre of the 3x3 window."""
+
+    def __init__(self, c):
+        super().__init__()
+        self.kxk = nn.Sequential(nn.Conv2d(c, c, 3, padding=1, bias=False), nn.BatchNorm2d(c))
+        self.k1 = nn.Sequential(nn.Conv2d(c, c, 1, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x):
+        return self.kxk(x) + self.k1(x)
+
+
+class Net(nn.Module):
+    def __init__(self, block):
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 1)
+        self.block = block
+        self.head = nn.Conv2d(8, 2, 1)
+
+    def forward(self, x):
+        return self.head(torch.relu(self.block(self.stem(x))))
+
+
+def _collapse(model, x):
+    model = randomize_bn(model, seed=7).eval()
+    collapsed, report = acfx.collapse(model, return_report=True)
+    with torch.no_grad():
+        assert_rel_close(collapsed(x), model(x))
+    return collapsed, report
+
+
+def test_hand_written_block_becomes_one_conv():
+    x = torch.randn(2, 3, 10, 11)
+    for stride in (1, 2):
+        collapsed, report = _collapse(Net(HandWrittenACB(8, 8, stride)), x)
+        conv = collapsed.block
+        assert type(conv) is nn.Conv2d and conv.kernel_size == (3, 3) and conv.stride == (stride, stride)
+        assert conv.padding == (1, 1) and conv.bias is not None
+        (entry,) = report.of("collapsed")
+        assert entry.name == "block" and entry.changes_structure
+        assert "HandWrittenACB replaced by one Conv2d" in entry.detail
+
+
+def test_cropped_block_with_conv_bias():
+    collapsed, _ = _collapse(Net(CroppedACB(8)), torch.randn(2, 3, 10, 11))
+    assert type(collapsed.block) is nn.Conv2d and collapsed.block.padding == (0, 0)
+
+
+def test_block_padding_its_input_once_becomes_a_reflect_conv():
+    collapsed, _ = _collapse(Net(ReflectACB(8)), torch.randn(2, 3, 10, 11))
+    conv = collapsed.block
+    assert type(conv) is nn.Conv2d and conv.padding == (1, 1) and conv.padding_mode == "reflect"
+
+
+def test_repvgg_like_block_with_a_1x1_branch():
+    collapsed, _ = _collapse(Net(RepVGGLike(8)), torch.randn(2, 3, 9, 9))
+    assert type(collapsed.block) is nn.Conv2d and collapsed.block.kernel_size == (3, 3)
+
+
+def test_a_model_that_is_one_block_becomes_a_conv():
+    collapsed, _ = _collapse(HandWrittenACB(3, 4), torch.randn(2, 3, 8, 8))
+    assert type(collapsed) is nn.Conv2d
+
+
+class InlineSum(nn.Module):
+    """Branches summed in a forward that does more: not a whole module, so not swapped."""
+
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1, bias=False)
+        self.a_bn = nn.BatchNorm2d(4)
+        self.b = nn.Conv2d(3, 4, (1, 3), padding=(0, 1), bias=False)
+        self.b_bn = nn.BatchNorm2d(4)
+
+    def forward(self, x):
+        return torch.relu(self.a_bn(self.a(x)) + self.b_bn(self.b(x)))
+
+
+class Misaligned(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 4, 3, padding=1)
+        self.b = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
+class WithIdentity(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.a = nn.Conv2d(3, 3, 3, padding=1)
+        self.b = nn.Conv2d(3, 3, (1, 3), padding=(0, 1))
+
+    def forward(self, x):
+        return self.a(x) + self.b(x) + x
+
+
+def test_blocks_that_cannot_be_swapped_are_left_alone_and_reported():
+    cases = [(InlineSum(), "summed inline in '<model>'.forward"),
+             (Misaligned(), "branches differ in dilation"),
+             (WithIdentity(), "also adds terms that are not conv branches")]
+    for model, reason in cases:
+        model = randomize_bn(model).eval()
+        collapsed, report = acfx.collapse(model, return_report=True)
+        assert not report.of("collapsed")
+        assert [reason in e.detail for e in report.skipped] == [True], (reason, report.entries)
+        assert [type(m) for m in collapsed.modules()] == [type(m) for m in model.modules()]
+        x = torch.randn(1, 3, 8, 8)
+        with torch.no_grad():
+            assert torch.equal(collapsed(x), model(x))
+
+
+def test_plain_model_collapses_to_itself():
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.ReLU())).eval()
+    collapsed, report = acfx.collapse(model, return_report=True)
+    assert report.summary() == "acfx collapse: nothing found"
+    assert [type(m) for m in collapsed] == [nn.Conv2d, nn.BatchNorm2d, nn.ReLU]

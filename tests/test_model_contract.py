@@ -1,0 +1,121 @@
+"""What both passes promise about the model object: class, attributes, dtype, modes, flags, copies."""
+import copy
+import io
+
+import pytest
+import timm
+import torch
+import torch.nn as nn
+
+import acfx
+from helpers import assert_rel_close, randomize_bn
+
+
+@pytest.fixture(scope="module")
+def resnet():
+    torch.manual_seed(0)
+    return timm.create_model("resnet18", num_classes=10)
+
+
+def _signature(model):
+    return [(name, type(m)) for name, m in model.named_modules()], {
+        k: v.clone() for k, v in model.state_dict().items()}
+
+
+def _same(model, signature):
+    modules, state = signature
+    now_modules, now_state = _signature(model)
+    return modules == now_modules and state.keys() == now_state.keys() and all(
+        torch.equal(state[k], now_state[k]) for k in state)
+
+
+def test_class_methods_and_attributes_survive(resnet):
+    expanded = acfx.expand(resnet)
+    collapsed = acfx.collapse(randomize_bn(expanded).eval())
+    x = torch.randn(2, 3, 64, 64)
+    for model in (expanded, collapsed):
+        assert type(model) is type(resnet)
+        assert model.pretrained_cfg == resnet.pretrained_cfg and model.num_classes == 10
+        assert model.forward_features(x).shape == resnet.forward_features(x).shape
+    collapsed.reset_classifier(5)
+    expanded.reset_classifier(5)
+    assert collapsed(x).shape == expanded(x).shape == (2, 5)
+
+
+def test_inplace_false_never_touches_the_input(resnet):
+    before = _signature(resnet)
+    expanded = acfx.expand(resnet)
+    acfx.collapse(expanded, fold_bn=True)
+    assert _same(resnet, before)
+    expanded_before = _signature(expanded)
+    acfx.collapse(expanded)
+    assert _same(expanded, expanded_before)
+
+
+def test_inplace_true_rewrites_the_model_itself():
+    model = timm.create_model("resnet18", num_classes=10)
+    conv_weight = model.layer1[0].conv1.weight
+    same = acfx.expand(model, inplace=True)
+    assert same is model and isinstance(model.layer1[0].conv1, acfx.ACBlock)
+    # the k x k branch shares the original parameter objects: an optimizer built before still holds them
+    assert model.layer1[0].conv1.square.weight is conv_weight
+    again = acfx.collapse(model.eval(), inplace=True)
+    assert again is model and type(model.layer1[0].conv1) is nn.Conv2d
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_dtype_is_kept(dtype):
+    model = timm.create_model("resnet18", num_classes=10).to(dtype)
+    expanded = acfx.expand(model)
+    assert {p.dtype for p in expanded.parameters()} == {dtype}
+    collapsed = acfx.collapse(randomize_bn(expanded).eval())
+    assert {p.dtype for p in collapsed.parameters()} == {dtype}
+    assert {b.dtype for b in collapsed.buffers() if b.is_floating_point()} == {dtype}
+    if dtype == torch.float64:
+        x = torch.randn(2, 3, 32, 32, dtype=dtype)
+        with torch.no_grad():
+            assert_rel_close(collapsed(x), expanded(x))
+
+
+def test_modes_and_requires_grad_flags_are_kept():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
+                          nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).train()
+    model[1].eval()                    # frozen statistics on the first BN
+    model[0].requires_grad_(False)     # frozen first conv
+    model[1].requires_grad_(False)
+    expanded = acfx.expand(model)
+    first, second = expanded[0], expanded[2]
+    assert expanded.training and first.training and second.training
+    assert not any(bn.training for bn in (first.square_bn, first.hor_bn, first.ver_bn))
+    assert all(bn.training for bn in (second.square_bn, second.hor_bn, second.ver_bn))
+    assert not any(p.requires_grad for p in first.parameters())
+    assert all(p.requires_grad for p in second.parameters())
+    collapsed = acfx.collapse(expanded)
+    assert collapsed.training and not collapsed[1].training and collapsed[3].training
+    assert not collapsed[0].weight.requires_grad and collapsed[2].weight.requires_grad
+
+
+def test_expanded_model_can_be_saved_copied_and_reloaded():
+    model = timm.create_model("efficientnet_b0", num_classes=4)
+    expanded = randomize_bn(acfx.expand(model)).eval()
+    buffer = io.BytesIO()
+    torch.save(expanded, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert torch.equal(loaded(x), expanded(x))
+        assert torch.equal(copy.deepcopy(expanded)(x), expanded(x))
+    collapsed = acfx.collapse(loaded)
+    fresh = timm.create_model("efficientnet_b0", num_classes=4)
+    fresh.load_state_dict(collapsed.state_dict(), strict=True)
+
+
+def test_state_dict_of_expanded_model_reloads_into_a_fresh_expansion():
+    torch.manual_seed(0)
+    trained = randomize_bn(acfx.expand(timm.create_model("resnet18", num_classes=10)))
+    fresh = acfx.expand(timm.create_model("resnet18", num_classes=10))
+    fresh.load_state_dict(trained.state_dict(), strict=True)
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        assert torch.equal(fresh.eval()(x), trained.eval()(x))
