@@ -95,7 +95,7 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
         >>> model = timm.create_model("resnet18")
         >>> acnet, report = acfx.expand(model, return_report=True)
         >>> print(report.summary())
-        acfx expand: 19 expanded, 1 skipped
+        acfx expand: 17 expanded, 3 skipped
         >>> deployable = acfx.collapse(acnet.eval())   # a plain resnet18 again
     """
     check_model(model, "expand")
