@@ -6,27 +6,18 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
+from acfx.diagnostics import randomize_norms
+
 F32_TOL = 1e-5
 F64_TOL = 1e-10
 
 
 def randomize_bn(model: nn.Module, seed: int = 0) -> nn.Module:
-    """Give every BatchNorm random running statistics and affine parameters.
+    """Random running statistics and affine parameters on every BatchNorm.
 
     Fresh statistics (mean 0, var 1, γ 1, β 0) make BN an identity and hide fusion bugs.
     """
-    gen = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for module in model.modules():
-            if not isinstance(module, nn.modules.batchnorm._BatchNorm) or module.running_mean is None:
-                continue
-            n, ref = module.num_features, module.running_mean
-            module.running_mean.copy_((torch.randn(n, generator=gen) * 0.2).to(ref))
-            module.running_var.copy_((torch.rand(n, generator=gen) * 1.5 + 0.5).to(ref))
-            if module.affine:
-                module.weight.copy_((torch.rand(n, generator=gen) + 0.5).to(ref))
-                module.bias.copy_((torch.randn(n, generator=gen) * 0.2).to(ref))
-    return model
+    return randomize_norms(model, seed)
 
 
 def rel_err(actual: torch.Tensor, expected: torch.Tensor) -> float:

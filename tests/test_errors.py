@@ -101,13 +101,7 @@ def test_reused_and_aliased_modules_are_skipped():
     assert any("called 2 times" in d for d in details), details
 
 
-class Aliased(nn.Module):
-    def __init__(self):
-        super().__init__()
-        self.conv = nn.Conv2d(4, 4, 3, padding=1, bias=False)
-        self.bn = nn.BatchNorm2d(4)
-        self.alias = self.conv
-
+class Aliased(Reused):
     def forward(self, x):
         return self.bn(self.conv(x))
 

@@ -119,3 +119,11 @@ def test_state_dict_of_expanded_model_reloads_into_a_fresh_expansion():
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
         assert torch.equal(fresh.eval()(x), trained.eval()(x))
+
+
+def test_new_modules_are_built_on_the_models_device():
+    with torch.device("meta"):
+        model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1, bias=False), nn.BatchNorm2d(4))
+    expanded = acfx.expand(model)
+    assert {p.device.type for p in expanded.parameters()} == {"meta"}
+    assert {b.device.type for b in expanded.buffers()} == {"meta"}

@@ -51,3 +51,14 @@ def test_model_with_nothing_to_expand_comes_back_unchanged_with_reasons():
     assert report.skip_reasons() == {"kernel (1, 1) has a side of 1": 1}
     empty, report = acfx.expand(nn.Linear(3, 3), return_report=True)
     assert type(empty) is nn.Linear and report.summary() == "acfx expand: nothing found"
+
+
+class Opaque(ConvBN):
+    pass
+
+
+def test_user_leaf_modules_are_not_traced_into():
+    model = nn.Sequential(Opaque(3, 8), ConvBN(8, 8))
+    expanded, report = acfx.expand(model, leaf_modules=[Opaque], return_report=True)
+    assert [e.name for e in report.of("expanded")] == ["1.0"]
+    assert type(expanded[0][0]) is nn.Conv2d
