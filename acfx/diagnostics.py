@@ -98,19 +98,23 @@ def check_round_trip(name: str, build: Callable[[], nn.Module], x: torch.Tensor,
 
 
 def _measure(result: RoundTrip, build, x, expand_kwargs) -> None:
+    # In place where possible: a sweep over large models must not hold several copies of each.
     model = build()
     result.params["plain"] = param_count(model)
-    expanded, result.expand_report = expand(model, return_report=True, **expand_kwargs)
+    kind = type(model)
+    expanded, result.expand_report = expand(model, inplace=True, return_report=True, **expand_kwargs)
     result.params["expanded"] = param_count(expanded)
-    result.class_kept = type(expanded) is type(model)
+    result.class_kept = type(expanded) is kind
     result.train_step_finite = _train_step(expanded, x)
     randomize_norms(expanded).eval()
-    collapsed, result.collapse_report = collapse(expanded, return_report=True)
+    with torch.no_grad():
+        y_expanded = expanded(x)
+    collapsed, result.collapse_report = collapse(expanded, inplace=True, return_report=True)
     result.params["collapsed"] = param_count(collapsed)
     with torch.no_grad():
-        y_expanded, y_collapsed = expanded(x), collapsed(x)
+        y_collapsed = collapsed(x)
     result.error = relative_error(y_collapsed, y_expanded)
     try:
         build().load_state_dict(collapsed.state_dict(), strict=True)
     except RuntimeError as error:
-        result.strict_reload = str(error).splitlines()[0]
+        result.strict_reload = " ".join(str(error).split())[:400]

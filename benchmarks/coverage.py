@@ -1,0 +1,279 @@
+"""Coverage of the timm (and torchvision) zoo: does acfx expand and collapse every CNN exactly?
+
+For every architecture with a conv→BN pair: build it with random weights, expand it, check the class is
+unchanged and sites were found, take a training step, randomise BN statistics, collapse it, measure the
+round-trip error (float32) and reload the collapsed weights strictly into a fresh model. Results go to
+benchmarks/results/coverage_<source>.json and .md.
+
+    python benchmarks/coverage.py                      # all timm models, CPU, 2 workers
+    python benchmarks/coverage.py --source torchvision
+    python benchmarks/coverage.py --filter 'resnet*' --workers 4 --budget 300
+
+Each model runs in a worker process with a time budget; a model over budget, or one that crashes its
+worker, is recorded as such and the sweep goes on.
+"""
+from __future__ import annotations
+
+import argparse
+import fnmatch
+import json
+import multiprocessing as mp
+import os
+import platform
+import queue
+import signal
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+# ----------------------------------------------------------------------------------------- worker side
+
+class _Timeout(Exception):
+    pass
+
+
+def _on_alarm(signum, frame):
+    raise _Timeout()
+
+
+def _pairs_on_meta(name: str) -> dict:
+    """Count conv→BN pairs (any conv kind, any BN kind) without allocating weights."""
+    import torch
+    from acfx.collapse import collapse_tracer
+    from acfx.sites import find_conv_sites
+    from acfx.tracing import trace_parts
+    from acfx.zoo import build_model
+
+    try:
+        with torch.device("meta"):
+            model = build_model(name)
+    except Exception:  # some builders compute on real tensors at init
+        model = build_model(name)
+    params = sum(p.numel() for p in model.parameters())
+    parts, untraced = trace_parts(model, collapse_tracer())
+    sites = [s for part in parts for s in find_conv_sites(part, {}, min_side=1)]
+    return {"pairs": sum(s.norm_follows for s in sites), "convs": len(sites), "params": params,
+            "untraced_parts": len(untraced)}
+
+
+def _input_size(name: str, img_size: int) -> tuple:
+    from acfx.zoo import build_model, input_size_for
+    import torch
+    with torch.device("meta"):
+        try:
+            model = build_model(name)
+        except Exception:
+            model = None
+    cfg = getattr(model, "pretrained_cfg", {}) or {}
+    native = input_size_for(model, name) if model is not None else (3, 224, 224)
+    fixed = cfg.get("fixed_input_size", False)
+    return native, fixed
+
+
+def _run_one(name: str, img_size: int, include_unnormed: bool) -> dict:
+    import torch
+    from acfx.diagnostics import check_round_trip
+    from acfx.zoo import build_model
+
+    native, fixed = _input_size(name, img_size)
+    sizes = [native] if fixed else [(native[0], img_size, img_size), native]
+    record = {}
+    for size in sizes:
+        torch.manual_seed(0)
+        x = torch.randn(2, *size)
+        try:  # the plain model must run at this size; else try the native size
+            probe = build_model(name).eval()
+            with torch.no_grad():
+                probe(x)
+            del probe
+        except Exception as error:
+            record = {"status": "error", "failure": f"plain model fails at {tuple(size)}: "
+                                                    f"{type(error).__name__}: {str(error)[:200]}"}
+            continue
+        result = check_round_trip(name, lambda: build_model(name), x, include_unnormed=include_unnormed)
+        return _record(result, size)
+    return record
+
+
+def _record(result, size) -> dict:
+    rec = {"input": list(size), "seconds": round(result.seconds, 2), "params": result.params,
+           "class_kept": result.class_kept, "train_step_finite": result.train_step_finite,
+           "error": result.error, "strict_reload": result.strict_reload, "failure": result.failure}
+    if result.expand_report is not None:
+        rep = result.expand_report
+        rec.update(expanded=len(rep.of("expanded")), skipped=rep.skip_reasons(),
+                   untraced=[e.name or "<model>" for e in rep.of("untraced")])
+    if result.collapse_report is not None:
+        rep = result.collapse_report
+        rec.update(collapsed=len(rep.of("collapsed")),
+                   collapse_skipped={e.name: e.detail for e in rep.skipped},
+                   structure_changes=len(rep.structure_changes))
+    if result.failure:
+        rec["status"] = "error"
+    elif not rec.get("expanded"):
+        rec["status"] = "no sites"
+    else:
+        rec["status"] = "pass" if result.ok else "fail"
+    return rec
+
+
+def _worker(tasks, results, threads: int, budget: int, img_size: int, include_unnormed: bool) -> None:
+    import torch
+    import warnings
+    warnings.filterwarnings("ignore")
+    torch.set_num_threads(threads)
+    signal.signal(signal.SIGALRM, _on_alarm)
+    while True:
+        task = tasks.get()
+        if task is None:
+            return
+        phase, name = task
+        results.put(("start", name, os.getpid()))
+        signal.alarm(budget)
+        start = time.perf_counter()
+        try:
+            rec = _pairs_on_meta(name) if phase == "detect" else _run_one(name, img_size, include_unnormed)
+        except _Timeout:
+            rec = {"status": "timeout", "failure": f"over the {budget} s budget"}
+        except Exception as error:
+            rec = {"status": "error", "failure": f"{type(error).__name__}: {str(error)[:300]}"}
+        finally:
+            signal.alarm(0)
+        rec.setdefault("seconds", round(time.perf_counter() - start, 2))
+        results.put(("done", name, rec))
+
+
+# ----------------------------------------------------------------------------------------- parent side
+
+def _progress(total: int, desc: str):
+    try:
+        from tqdm import tqdm
+        return tqdm(total=total, desc=desc, unit="model", dynamic_ncols=True)
+    except ImportError:  # pragma: no cover
+        return None
+
+
+def run_pool(phase: str, names, args) -> dict:
+    """Run ``phase`` ("detect" or "check") on every name in worker processes; name -> record."""
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for name in names:
+        tasks.put((phase, name))
+    budget = args.detect_budget if phase == "detect" else args.budget
+    spawn = lambda: ctx.Process(target=_worker, args=(tasks, results, args.threads, budget, args.img_size,  # noqa
+                                                      args.include_unnormed), daemon=True)
+    workers = [spawn() for _ in range(args.workers)]
+    for w in workers:
+        w.start()
+    running, records, bar = {}, {}, _progress(len(names), phase)
+    while len(records) < len(names):
+        try:
+            kind, name, payload = results.get(timeout=5)
+        except queue.Empty:
+            _reap(workers, running, records, spawn, budget, bar)
+            continue
+        if kind == "start":
+            running[name] = (payload, time.time())
+        else:
+            running.pop(name, None)
+            records[name] = payload
+            if bar is not None:
+                bar.update(1)
+                bar.set_postfix_str(f"{name}: {payload.get('status', 'ok')}")
+    for _ in workers:
+        tasks.put(None)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def _reap(workers, running, records, spawn, budget, bar) -> None:
+    """Replace dead workers (crash, out of memory) and kill ones stuck far past the budget."""
+    by_pid = {pid: (name, t0) for name, (pid, t0) in running.items()}
+    for i, w in enumerate(workers):
+        stuck = w.pid in by_pid and time.time() - by_pid[w.pid][1] > 2 * budget + 60
+        if w.is_alive() and not stuck:
+            continue
+        if stuck:
+            w.kill()
+        w.join(timeout=5)
+        if w.pid in by_pid:
+            name = by_pid[w.pid][0]
+            running.pop(name, None)
+            records[name] = {"status": "timeout" if stuck else "crash",
+                             "failure": "killed far past the budget" if stuck else f"worker died (exit {w.exitcode})"}
+            if bar is not None:
+                bar.update(1)
+        workers[i] = spawn()
+        workers[i].start()
+
+
+def _candidates(args) -> list:
+    if args.source == "timm":
+        import timm
+        names = timm.list_models()
+    else:
+        import torchvision
+        names = ["tv:" + n for n in torchvision.models.list_models(module=torchvision.models)]
+    names = [n for n in names if fnmatch.fnmatch(n.removeprefix("tv:"), args.filter)]
+    return names[: args.limit] if args.limit else names
+
+
+def _environment() -> dict:
+    import timm
+    import torch
+    import torchvision
+    return {"date": date.today().isoformat(), "torch": torch.__version__, "torchvision": torchvision.__version__,
+            "timm": timm.__version__, "python": platform.python_version(), "machine": platform.machine(),
+            "cpu_count": os.cpu_count(), "device": "cpu"}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--source", choices=("timm", "torchvision"), default="timm")
+    parser.add_argument("--filter", default="*", help="glob on model names (default: all)")
+    parser.add_argument("--limit", type=int, default=0, help="only the first N models (0: all)")
+    parser.add_argument("--workers", type=int, default=2, help="worker processes (default: 2)")
+    parser.add_argument("--threads", type=int, default=1, help="torch threads per worker (default: 1)")
+    parser.add_argument("--budget", type=int, default=240, help="seconds per model for the check (default: 240)")
+    parser.add_argument("--detect-budget", type=int, default=120, help="seconds per model to find conv→BN pairs")
+    parser.add_argument("--img-size", type=int, default=96,
+                        help="input size, unless the model has a fixed one (default: 96)")
+    parser.add_argument("--max-params", type=float, default=400e6,
+                        help="models with more parameters are not run on this machine (default: 4e8)")
+    parser.add_argument("--include-unnormed", action="store_true", help="expand convs without BN too")
+    parser.add_argument("--out", default=None, help="output stem (default: benchmarks/results/coverage_<source>)")
+    args = parser.parse_args(argv)
+
+    names = _candidates(args)
+    print(f"{len(names)} {args.source} models; finding conv→BN pairs", flush=True)
+    detected = run_pool("detect", names, args)
+    with_pairs = [n for n in names if detected[n].get("pairs")]
+    runnable = [n for n in with_pairs if detected[n].get("params", 0) <= args.max_params]
+    print(f"{len(with_pairs)} with a conv→BN pair, {len(runnable)} under {args.max_params:.0e} parameters", flush=True)
+    checked = run_pool("check", runnable, args) if runnable else {}
+    rows = {}
+    for name in with_pairs:
+        rows[name] = {**{f"meta_{k}": v for k, v in detected[name].items() if k != "seconds"},
+                      **checked.get(name, {"status": "not run", "failure": f"over --max-params "
+                                                                            f"({detected[name]['params']:,} parameters)"})}
+    undetected = {n: detected[n] for n in names if detected[n].get("status") in ("error", "timeout", "crash")}
+    stem = Path(args.out) if args.out else RESULTS / f"coverage_{args.source}"
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    payload = {"environment": _environment(), "args": vars(args), "models_listed": len(names),
+               "with_conv_bn_pair": len(with_pairs), "detection_failures": undetected, "results": rows}
+    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
+    from coverage_report import write_markdown
+    stem.with_suffix(".md").write_text(write_markdown(payload))
+    statuses = [r["status"] for r in rows.values()]
+    print({s: statuses.count(s) for s in sorted(set(statuses))})
+    return 0 if all(s in ("pass", "not run") for s in statuses) else 1
+
+
+if __name__ == "__main__":
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    sys.exit(main())

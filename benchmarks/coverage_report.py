@@ -1,0 +1,76 @@
+"""Markdown summary of a coverage run (benchmarks/coverage.py)."""
+from __future__ import annotations
+
+import collections
+import json
+import re
+import sys
+
+
+def _reason_key(text: str) -> str:
+    """A failure message with names and numbers blanked, to group similar failures."""
+    return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", text or ""))[:160]
+
+
+def _fmt_error(value) -> str:
+    return "" if value is None or value != value else f"{value:.1e}"
+
+
+def _failure_text(row: dict) -> str:
+    if row.get("failure"):
+        return row["failure"]
+    parts = []
+    if not row.get("class_kept", True):
+        parts.append("class changed")
+    if not row.get("train_step_finite", True):
+        parts.append("non-finite gradients")
+    if row.get("error", 0) > 1e-5:
+        parts.append(f"round-trip error {row['error']:.1e}")
+    if row.get("strict_reload") and not row.get("structure_changes"):
+        parts.append(f"strict reload: {row['strict_reload']}")
+    for name, detail in (row.get("collapse_skipped") or {}).items():
+        parts.append(f"collapse skipped {name}: {detail}")
+    return "; ".join(parts)
+
+
+def write_markdown(payload: dict) -> str:
+    env, rows = payload["environment"], payload["results"]
+    statuses = collections.Counter(r["status"] for r in rows.values())
+    lines = [f"# acfx coverage: {payload['args']['source']}", "",
+             f"{env['date']}, torch {env['torch']}, torchvision {env['torchvision']}, timm {env['timm']}, "
+             f"Python {env['python']}, {env['machine']} CPU ({env['cpu_count']} cores), float32, "
+             f"input {payload['args']['img_size']} px unless the model has a fixed size, batch 2.", "",
+             f"{payload['models_listed']} models listed, {payload['with_conv_bn_pair']} with a conv→BN pair "
+             "(found by tracing each model on the meta device).", "",
+             "| status | models |", "| --- | --- |"]
+    lines += [f"| {s} | {n} |" for s, n in statuses.most_common()]
+    passing = [r for r in rows.values() if r["status"] == "pass"]
+    if passing:
+        errors = sorted(r["error"] for r in passing)
+        lines += ["", f"Round-trip error of passing models: median {errors[len(errors) // 2]:.1e}, "
+                      f"max {errors[-1]:.1e} (max|Δ|/max|y|, tolerance 1e-5)."]
+    failures = {n: r for n, r in rows.items() if r["status"] not in ("pass",)}
+    if failures:
+        groups = collections.Counter(_reason_key(_failure_text(r)) for r in failures.values())
+        lines += ["", "## Not passing, grouped by reason", "", "| models | reason |", "| --- | --- |"]
+        lines += [f"| {n} | {reason} |" for reason, n in groups.most_common()]
+        lines += ["", "## Not passing, per model", "", "| model | status | reason |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {r['status']} | {_failure_text(r)[:300]} |" for n, r in sorted(failures.items())]
+    if payload.get("detection_failures"):
+        lines += ["", "## Models that could not be inspected", "", "| model | reason |", "| --- | --- |"]
+        lines += [f"| {n} | {r.get('failure', '')[:200]} |" for n, r in sorted(payload["detection_failures"].items())]
+    lines += ["", "## All models", "",
+              "| model | status | conv→BN pairs | expanded | skipped | collapsed | error | strict reload | s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in sorted(rows.items()):
+        reload = "" if r["status"] in ("not run", "error", "timeout", "crash") else (
+            "ok" if not r.get("strict_reload") else ("n/a" if r.get("structure_changes") else "FAIL"))
+        lines.append(f"| {name} | {r['status']} | {r.get('meta_pairs', '')} | {r.get('expanded', '')} | "
+                     f"{sum((r.get('skipped') or {}).values()) if 'skipped' in r else ''} | "
+                     f"{r.get('collapsed', '')} | {_fmt_error(r.get('error'))} | {reload} | {r.get('seconds', '')} |")
+    return "\n".join(lines) + "\n"
+
+
+if __name__ == "__main__":
+    path = sys.argv[1]
+    print(write_markdown(json.load(open(path))))
