@@ -6,6 +6,7 @@ compared first, and the model is only written to when everything matches.
 """
 from __future__ import annotations
 
+import argparse
 import os
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Union
@@ -13,7 +14,7 @@ from typing import Dict, List, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-__all__ = ["read_state_dict", "load_state_dict_strict", "write_state_dict", "CheckpointMismatch"]
+__all__ = ["read_state_dict", "checkpoint_info", "load_state_dict_strict", "write_state_dict", "CheckpointMismatch"]
 
 _PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _ACB_MARKERS = (".square.weight", ".hor.weight", ".ver.weight")
@@ -36,6 +37,34 @@ def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor
     return out
 
 
+def _load_weights_only(path: Path):
+    # timm's train.py saves its argparse.Namespace next to the weights: allow that one class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def checkpoint_info(path: Union[str, os.PathLike]) -> Dict[str, object]:
+    """What a timm train.py checkpoint records besides weights: 'arch' and the model keyword arguments
+    that change the weights' meaning (bn_eps is not in the state_dict), as {'arch': ..., 'model_kwargs': {...}}."""
+    try:
+        data = _load_weights_only(Path(path))
+    except Exception:
+        return {}
+    if not isinstance(data, Mapping):
+        return {}
+    info: Dict[str, object] = {}
+    if isinstance(data.get("arch"), str):
+        info["arch"] = data["arch"]
+    args = data.get("args")
+    if isinstance(args, argparse.Namespace):
+        kwargs = dict(getattr(args, "model_kwargs", None) or {})
+        for name in ("bn_eps", "bn_momentum", "in_chans"):
+            if getattr(args, name, None) is not None:
+                kwargs[name] = getattr(args, name)
+        info["model_kwargs"] = kwargs
+    return info
+
+
 def read_state_dict(path: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """A state_dict from a .pth/.pt/.bin (read with ``weights_only=True``) or .safetensors file.
 
@@ -50,7 +79,7 @@ def read_state_dict(path: Union[str, os.PathLike], use_ema: bool = False) -> Dic
             from safetensors.torch import load_file
             data = load_file(str(path))
         else:
-            data = torch.load(path, map_location="cpu", weights_only=True)
+            data = _load_weights_only(path)
     except Exception as error:
         raise ValueError(f"could not read checkpoint {str(path)!r} ({type(error).__name__}: {error}); the file "
                          "may be truncated, or not a PyTorch or safetensors checkpoint") from error

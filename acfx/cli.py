@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import argparse
+import ast
 import collections
 import sys
 from typing import List, Optional
@@ -85,6 +86,107 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
+def _model_name(args: argparse.Namespace) -> str:
+    """--model, or the 'arch' a timm train.py checkpoint records (without the acb_ prefix)."""
+    from .checkpoint import checkpoint_info
+    name = args.model or checkpoint_info(args.checkpoint).get("arch")
+    if not name:
+        raise ValueError("the checkpoint does not record its architecture: pass --model NAME")
+    return name[len("acb_"):] if name.startswith("acb_") else name
+
+
+def _parse_kwargs(items: List[str]) -> dict:
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model-kwargs takes KEY=VALUE items, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+def _model_kwargs(args: argparse.Namespace) -> dict:
+    """--model-kwargs, over the model arguments a train.py checkpoint records (bn_eps, ...)."""
+    from .checkpoint import checkpoint_info
+    recorded = checkpoint_info(args.checkpoint).get("model_kwargs", {})
+    kwargs = {**recorded, **_parse_kwargs(args.model_kwargs)}
+    if recorded:
+        print(f"model arguments recorded in the checkpoint: {recorded}")
+    return kwargs
+
+
+def _print_conversion(result, verb: str) -> None:
+    print(result.report.summary())
+    for reason, n in result.report.skip_reasons().items():
+        print(f"  skipped {n:4d}: {reason}")
+    print(f"{verb} model vs source model on a random input: max|Δ|/max|y| = {result.error:.2e}")
+    print(f"wrote {result.output}")
+
+
+def cmd_collapse(args: argparse.Namespace) -> int:
+    from .convert import collapse_checkpoint, default_output
+    name = _model_name(args)
+    output = args.output or default_output(args.checkpoint, "collapsed")
+    result = collapse_checkpoint(args.checkpoint, name, output, use_ema=args.use_ema, num_classes=args.num_classes,
+                                 fold_bn=args.fold_bn, model_kwargs=_model_kwargs(args), **_expand_kwargs(args))
+    _print_conversion(result, "collapsed")
+    if not args.fold_bn:
+        extra = "".join(f", {k}={v!r}" for k, v in _model_kwargs(args).items() if k != "bn_momentum")
+        classes = f", num_classes={result.num_classes}" if result.num_classes is not None else ""
+        print(f"load it without acfx: timm.create_model({name!r}{classes}{extra}, checkpoint_path={output!r})")
+    return 0 if result.error <= args.tolerance else 1
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from .convert import default_output, expand_checkpoint
+    name = _model_name(args)
+    output = args.output or default_output(args.checkpoint, "acb")
+    result = expand_checkpoint(args.checkpoint, name, output, use_ema=args.use_ema, num_classes=args.num_classes,
+                               model_kwargs=_model_kwargs(args), **_expand_kwargs(args))
+    _print_conversion(result, "expanded (init='preserve')")
+    return 0 if result.error <= args.tolerance else 1
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from .checkpoint import load_state_dict_strict, read_state_dict
+    from .convert import build_matching
+    from .expand import expand
+    from .kernels import format_grid, kernel_magnitude, save_heatmap
+
+    name = _model_name(args)
+    state = read_state_dict(args.checkpoint, use_ema=args.use_ema)
+    model = build_matching(name, state, args.num_classes, **_model_kwargs(args))
+    expanded = any(k.endswith((".square.weight", ".hor.weight", ".ver.weight")) for k in state)
+    if expanded:
+        model = expand(model, inplace=True, **_expand_kwargs(args))
+    load_state_dict_strict(model, state, args.checkpoint)
+    size = (args.kernel_size, args.kernel_size) if args.kernel_size else None
+    matrix, layers = kernel_magnitude(model.eval(), size)
+    kind = "expanded (ACNet), fused" if expanded else "plain, BN folded"
+    print(f"average kernel magnitude, {name} ({kind}), {layers} layers of {matrix.shape[0]}x{matrix.shape[1]}:")
+    print(format_grid(matrix))
+    output = args.output or "kernel_magnitude.png"
+    save_heatmap(matrix, output, f"{name} ({kind}), {layers} layers")
+    print(f"wrote {output}")
+    return 0
+
+
+def _checkpoint_args(parser: argparse.ArgumentParser, output_help: str) -> None:
+    parser.add_argument("checkpoint", help="a state_dict or timm train.py checkpoint (.pth, .pth.tar, .safetensors)")
+    parser.add_argument("--model", default=None,
+                        help="timm model name, or torchvision's with 'tv:' (default: the checkpoint's 'arch')")
+    parser.add_argument("-o", "--output", default=None, help=output_help)
+    parser.add_argument("--use-ema", action="store_true", help="use the checkpoint's state_dict_ema")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classes of the model (default: read off the checkpoint's classifier)")
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="model builder arguments, as in train.py (e.g. bn_eps=1e-3); those a train.py "
+                             "checkpoint records (bn_eps, bn_momentum, model_kwargs) are used by default")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acfx", description="ACNet training for any CNN: expand k×k convs into Asymmetric Convolution "
@@ -105,6 +207,38 @@ def _parser() -> argparse.ArgumentParser:
     check.add_argument("--sites", action="store_true", help="print every site, not a summary")
     _expand_options(check)
     check.set_defaults(func=cmd_check)
+
+    col = sub.add_parser("collapse", help="expanded (ACNet) training checkpoint → checkpoint of the plain model",
+                         description="Load a checkpoint of acfx.expand(MODEL), collapse it, check the result "
+                                     "against the expanded model, and write a plain state_dict that "
+                                     "timm.create_model(MODEL, checkpoint_path=OUT) loads strictly without acfx. "
+                                     "Nothing is written if the checkpoint does not match.")
+    _checkpoint_args(col, "output .pth or .safetensors (default: <checkpoint>-collapsed.pth)")
+    col.add_argument("--fold-bn", action="store_true", help="also fold every BN into its conv (deploy form; "
+                                                             "no longer loads into the plain architecture)")
+    col.add_argument("--tolerance", type=float, default=1e-5, help="max relative error of the check (default: 1e-5)")
+    _expand_options(col)
+    col.set_defaults(func=cmd_collapse)
+
+    exp = sub.add_parser("expand", help="plain checkpoint → ACNet checkpoint (function-preserving init)",
+                         description="Load a plain checkpoint of MODEL, expand it with init='preserve' (the new "
+                                     "branches start at zero, the function is unchanged) and write the expanded "
+                                     "state_dict, for a fine-tuning run (e.g. train.py --model acb_MODEL "
+                                     "--initial-checkpoint OUT).")
+    _checkpoint_args(exp, "output .pth or .safetensors (default: <checkpoint>-acb.pth)")
+    exp.add_argument("--tolerance", type=float, default=1e-5, help="max relative error of the check (default: 1e-5)")
+    _expand_options(exp)
+    exp.set_defaults(func=cmd_expand)
+
+    ker = sub.add_parser("kernels", help="average kernel magnitude matrix (ACNet Sect. 4.4) as a grid and a PNG",
+                         description="Per k×k layer, sum |kernel| (after BN folding; an expanded model is fused "
+                                     "first) over filters and input channels, normalise by its maximum, average "
+                                     "over layers: ACNet strengthens the skeleton (centre row and column).")
+    _checkpoint_args(ker, "heatmap PNG (default: kernel_magnitude.png)")
+    ker.add_argument("--kernel-size", type=int, default=None,
+                     help="which k×k layers (default: the most common kernel size)")
+    _expand_options(ker)
+    ker.set_defaults(func=cmd_kernels)
     return parser
 
 
@@ -113,7 +247,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError, KeyError) as error:
+    except (ValueError, TypeError, FileNotFoundError) as error:
         print(f"acfx {args.command}: error: {error}", file=sys.stderr)
         return 2
 

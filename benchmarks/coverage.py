@@ -232,6 +232,14 @@ def _environment() -> dict:
             "cpu_count": os.cpu_count(), "device": "cpu"}
 
 
+def write_arch_list(names, path) -> None:
+    """The list acfx.timm registers acb_ variants for."""
+    import timm
+    header = (f"# timm architectures with a conv→BN pair (timm {timm.__version__}), found by tracing each model\n"
+              "# on the meta device: python benchmarks/coverage.py --write-archs acfx/timm_archs.txt\n")
+    Path(path).write_text(header + "\n".join(names) + "\n")
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=("timm", "torchvision"), default="timm")
@@ -247,12 +255,17 @@ def main(argv=None) -> int:
                         help="models with more parameters are not run on this machine (default: 4e8)")
     parser.add_argument("--include-unnormed", action="store_true", help="expand convs without BN too")
     parser.add_argument("--out", default=None, help="output stem (default: benchmarks/results/coverage_<source>)")
+    parser.add_argument("--write-archs", default=None, metavar="PATH",
+                        help="write the timm models with a conv→BN pair to PATH (acfx/timm_archs.txt) and stop")
     args = parser.parse_args(argv)
 
     names = _candidates(args)
     print(f"{len(names)} {args.source} models; finding conv→BN pairs", flush=True)
     detected = run_pool("detect", names, args)
     with_pairs = [n for n in names if detected[n].get("pairs")]
+    if args.write_archs:
+        write_arch_list(with_pairs, args.write_archs)
+        return 0
     runnable = [n for n in with_pairs if detected[n].get("params", 0) <= args.max_params]
     print(f"{len(with_pairs)} with a conv→BN pair, {len(runnable)} under {args.max_params:.0e} parameters", flush=True)
     checked = run_pool("check", runnable, args) if runnable else {}

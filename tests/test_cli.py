@@ -2,7 +2,12 @@
 import subprocess
 import sys
 
+import timm
+import torch
+
+import acfx
 from acfx.cli import main
+from helpers import assert_rel_close, randomize_bn
 
 
 def test_check_reports_sites_error_and_reload(capsys):
@@ -36,3 +41,54 @@ def test_every_command_has_help():
     for command in ([], ["check"]):
         done = subprocess.run([sys.executable, "-m", "acfx", *command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage: acfx" in done.stdout
+
+
+def _save_plain(tmp_path, name="resnet18", classes=10):
+
+    torch.manual_seed(0)
+    model = randomize_bn(timm.create_model(name, num_classes=classes)).eval()
+    path = tmp_path / f"{name}.pth"
+    torch.save(model.state_dict(), path)
+    return model, path
+
+
+def test_expand_then_collapse_checkpoints_keep_the_function(tmp_path, capsys):
+
+    model, plain = _save_plain(tmp_path, classes=7)
+    acb = tmp_path / "acb.pth"
+    assert main(["expand", str(plain), "--model", "resnet18", "-o", str(acb)]) == 0
+    back = tmp_path / "back.safetensors"
+    assert main(["collapse", str(acb), "--model", "resnet18", "-o", str(back)]) == 0
+    out = capsys.readouterr().out
+    assert "acfx collapse: 17 collapsed" in out and "num_classes=7" in out
+    reloaded = timm.create_model("resnet18", num_classes=7, checkpoint_path=str(back)).eval()
+    x = torch.randn(2, 3, 48, 48)
+    with torch.no_grad():
+        assert_rel_close(reloaded(x), model(x))
+
+
+def test_collapse_of_a_mismatched_checkpoint_writes_nothing(tmp_path, capsys):
+    _, plain = _save_plain(tmp_path, "resnet34")
+    out = tmp_path / "out.pth"
+    assert main(["collapse", str(plain), "--model", "resnet18", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "does not match ResNet; nothing was loaded" in err and "missing keys" in err
+    assert not out.exists()
+    assert main(["collapse", str(tmp_path / "missing.pth"), "--model", "resnet18"]) == 2
+    assert "does not exist" in capsys.readouterr().err
+
+
+def test_kernels_prints_the_grid_and_writes_a_heatmap(tmp_path, capsys):
+
+    _, plain = _save_plain(tmp_path)
+    png = tmp_path / "k.png"
+    assert main(["kernels", str(plain), "--model", "resnet18", "-o", str(png)]) == 0
+    out = capsys.readouterr().out
+    assert "resnet18 (plain, BN folded), 16 layers of 3x3" in out
+    grid = [[float(v) for v in line.split()] for line in out.splitlines()[1:4]]
+    assert len(grid) == 3 and all(len(row) == 3 and all(0 < v <= 1 for v in row) for row in grid)
+    assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
+    acb = tmp_path / "acb.pth"
+    torch.save(acfx.expand(timm.create_model("resnet18")).state_dict(), acb)
+    assert main(["kernels", str(acb), "--model", "resnet18", "-o", str(png)]) == 0
+    assert "(expanded (ACNet), fused), 16 layers of 3x3" in capsys.readouterr().out

@@ -1,0 +1,106 @@
+"""Checkpoint conversion: expanded (ACNet) checkpoint → plain one, and plain → expanded.
+
+What `acfx collapse` and `acfx expand` run. The model is rebuilt from its name (timm or torchvision, random
+weights), the checkpoint is loaded strictly (nothing is written on a mismatch), and the converted model is
+checked against the source model on a random input before anything is saved.
+"""
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from .checkpoint import load_state_dict_strict, read_state_dict, write_state_dict
+from .collapse import collapse
+from .diagnostics import relative_error
+from .expand import expand
+from .report import Report
+from .zoo import build_model, input_size_for
+
+__all__ = ["Conversion", "collapse_checkpoint", "expand_checkpoint", "build_matching"]
+
+
+@dataclasses.dataclass
+class Conversion:
+    """What a conversion did and how closely the converted model matches the source."""
+
+    model: str
+    source: str
+    output: str
+    report: Report
+    error: float
+    num_classes: Optional[int]
+
+
+def _classifier_key(model: nn.Module) -> Optional[str]:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    if not isinstance(head, nn.Module):
+        return None
+    for name, module in model.named_modules():
+        if module is head and hasattr(module, "weight"):
+            return f"{name}.weight"
+    return None
+
+
+def build_matching(name: str, state: Mapping[str, torch.Tensor], num_classes: Optional[int] = None,
+                   **kwargs) -> nn.Module:
+    """The model ``name`` with the number of classes of ``state`` (read off timm's classifier when not given)."""
+    if num_classes is not None:
+        return build_model(name, num_classes=num_classes, **kwargs)
+    model = build_model(name, **kwargs)
+    key = _classifier_key(model)
+    if key is not None and key in state and state[key].ndim >= 1 and state[key].shape[0] != model.state_dict()[key].shape[0]:
+        return build_model(name, num_classes=int(state[key].shape[0]), **kwargs)
+    return model
+
+
+def _probe(model: nn.Module, name: str) -> torch.Tensor:
+    channels, height, width = input_size_for(model, name)
+    size = min(height, 128), min(width, 128)
+    return torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
+
+
+def _compare(source: nn.Module, converted: nn.Module, name: str) -> float:
+    x = _probe(source, name)
+    with torch.no_grad():
+        return relative_error(converted.eval()(x), source.eval()(x))
+
+
+def collapse_checkpoint(checkpoint: str, name: str, output: str, *, use_ema: bool = False,
+                        num_classes: Optional[int] = None, fold_bn: bool = False,
+                        model_kwargs: Optional[dict] = None, **expand_kwargs) -> Conversion:
+    """Turn a training checkpoint of ``acfx.expand(<name>)`` into a checkpoint of the plain ``name``.
+
+    ``model_kwargs`` go to the model builder; they must be those of training where they change what the
+    weights mean (a BN's eps is not stored in the state_dict)."""
+    state = read_state_dict(checkpoint, use_ema=use_ema)
+    plain = build_matching(name, state, num_classes, **(model_kwargs or {}))
+    expanded = expand(plain, inplace=True, **expand_kwargs)
+    load_state_dict_strict(expanded, state, checkpoint)
+    collapsed, report = collapse(expanded, fold_bn=fold_bn, return_report=True)
+    error = _compare(expanded, collapsed, name)
+    write_state_dict(collapsed.state_dict(), output)
+    return Conversion(name, checkpoint, output, report, error, getattr(plain, "num_classes", None))
+
+
+def expand_checkpoint(checkpoint: str, name: str, output: str, *, use_ema: bool = False,
+                      num_classes: Optional[int] = None, model_kwargs: Optional[dict] = None,
+                      **expand_kwargs) -> Conversion:
+    """Turn a plain checkpoint of ``name`` into one of ``acfx.expand(name, init="preserve")``."""
+    state = read_state_dict(checkpoint, use_ema=use_ema)
+    plain = build_matching(name, state, num_classes, **(model_kwargs or {}))
+    load_state_dict_strict(plain, state, checkpoint)
+    expanded, report = expand(plain, init="preserve", return_report=True, **expand_kwargs)
+    error = _compare(plain, expanded, name)
+    write_state_dict(expanded.state_dict(), output)
+    return Conversion(name, checkpoint, output, report, error, getattr(plain, "num_classes", None))
+
+
+def default_output(checkpoint: str, suffix: str) -> str:
+    path = Path(checkpoint)
+    stem = path.name.split(".")[0]
+    return str(path.with_name(f"{stem}-{suffix}.pth"))
