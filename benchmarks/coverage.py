@@ -32,8 +32,8 @@ RESULTS = Path(__file__).resolve().parent / "results"
 
 # ----------------------------------------------------------------------------------------- worker side
 
-class _Timeout(Exception):
-    pass
+class _Timeout(BaseException):
+    """Not an Exception: library code that catches Exception (load_state_dict does) must not swallow it."""
 
 
 def _on_alarm(signum, frame):
@@ -102,7 +102,9 @@ def _run_one(name: str, img_size: int, include_unnormed: bool) -> dict:
 def _record(result, size) -> dict:
     rec = {"input": list(size), "seconds": round(result.seconds, 2), "params": result.params,
            "class_kept": result.class_kept, "train_step_finite": result.train_step_finite,
-           "error": result.error, "strict_reload": result.strict_reload, "failure": result.failure}
+           "error": result.error, "local_error": result.local_error, "error_f64": result.error_f64,
+           "noise_f32": result.noise_f32, "gamma_scale": result.gamma_scale,
+           "strict_reload": result.strict_reload, "failure": result.failure}
     if result.expand_report is not None:
         rep = result.expand_report
         rec.update(expanded=len(rep.of("expanded")), skipped=rep.skip_reasons(),
@@ -253,6 +255,8 @@ def main(argv=None) -> int:
                         help="input size, unless the model has a fixed one (default: 96)")
     parser.add_argument("--max-params", type=float, default=400e6,
                         help="models with more parameters are not run on this machine (default: 4e8)")
+    parser.add_argument("--large", type=float, default=100e6,
+                        help="models with more parameters run one at a time, budget doubled (default: 1e8)")
     parser.add_argument("--include-unnormed", action="store_true", help="expand convs without BN too")
     parser.add_argument("--out", default=None, help="output stem (default: benchmarks/results/coverage_<source>)")
     parser.add_argument("--write-archs", default=None, metavar="PATH",
@@ -268,7 +272,14 @@ def main(argv=None) -> int:
         return 0
     runnable = [n for n in with_pairs if detected[n].get("params", 0) <= args.max_params]
     print(f"{len(with_pairs)} with a conv→BN pair, {len(runnable)} under {args.max_params:.0e} parameters", flush=True)
-    checked = run_pool("check", runnable, args) if runnable else {}
+    # Large models one at a time (memory), with a longer budget.
+    small = [n for n in runnable if detected[n]["params"] <= args.large]
+    large = [n for n in runnable if detected[n]["params"] > args.large]
+    checked = run_pool("check", small, args) if small else {}
+    if large:
+        print(f"{len(large)} models over {args.large:.0e} parameters: one worker", flush=True)
+        checked.update(run_pool("check", large, argparse.Namespace(
+            **{**vars(args), "workers": 1, "threads": args.threads * args.workers, "budget": 2 * args.budget})))
     rows = {}
     for name in with_pairs:
         rows[name] = {**{f"meta_{k}": v for k, v in detected[name].items() if k != "seconds"},

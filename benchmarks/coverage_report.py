@@ -24,8 +24,11 @@ def _failure_text(row: dict) -> str:
         parts.append("class changed")
     if not row.get("train_step_finite", True):
         parts.append("non-finite gradients")
-    if row.get("error", 0) > 1e-5:
-        parts.append(f"round-trip error {row['error']:.1e}")
+    local, error, noise = row.get("local_error"), row.get("error"), row.get("noise_f32") or 0.0
+    if local is not None and not local <= 1e-5:
+        parts.append(f"a fused layer differs from its block by {local:.1e}")
+    if error is not None and not error <= max(4 * noise, 1e-5):
+        parts.append(f"round-trip error {error:.1e} (float32 noise floor {noise:.1e})")
     if row.get("strict_reload") and not row.get("structure_changes"):
         parts.append(f"strict reload: {row['strict_reload']}")
     for name, detail in (row.get("collapse_skipped") or {}).items():
@@ -47,8 +50,23 @@ def write_markdown(payload: dict) -> str:
     passing = [r for r in rows.values() if r["status"] == "pass"]
     if passing:
         errors = sorted(r["error"] for r in passing)
-        lines += ["", f"Round-trip error of passing models: median {errors[len(errors) // 2]:.1e}, "
-                      f"max {errors[-1]:.1e} (max|Δ|/max|y|, tolerance 1e-5)."]
+        local = sorted(r["local_error"] for r in passing)
+        noisy = [r for r in passing if r["error"] > 1e-5]
+        tame = [r for r in passing if r.get("gamma_scale", 1.0) < 1.0]
+        lines += ["", "A model passes when its class is kept, a training step gives finite gradients, every fused "
+                      "layer reproduces its block on the input the block saw (max|Δ|/max|y| ≤ 1e-5, float32), the "
+                      "whole collapsed model matches the expanded one (≤ 1e-5, or within 4× of the float32 noise "
+                      "floor: the float32 expanded model's own distance to its float64 result), and the collapsed "
+                      "state_dict loads strictly into a freshly built model. BN statistics and affine parameters "
+                      "are random.", "",
+                  f"Passing models: end-to-end error median {errors[len(errors) // 2]:.1e}, max {errors[-1]:.1e}; "
+                  f"per fused layer max {local[-1]:.1e}.",
+                  f"{len(noisy)} passing models are over 1e-5 end to end: deep networks with random BN statistics "
+                  "amplify float32 rounding; for each, the table gives the float32 noise floor and the round trip "
+                  "in float64 (exact up to that network's float64 rounding)."]
+        if tame:
+            lines.append(f"{len(tame)} models overflowed with the first random statistics; they were checked with "
+                         "γ scaled down (gamma_scale in the JSON).")
     failures = {n: r for n, r in rows.items() if r["status"] not in ("pass",)}
     if failures:
         groups = collections.Counter(_reason_key(_failure_text(r)) for r in failures.values())
@@ -60,14 +78,17 @@ def write_markdown(payload: dict) -> str:
         lines += ["", "## Models that could not be inspected", "", "| model | reason |", "| --- | --- |"]
         lines += [f"| {n} | {r.get('failure', '')[:200]} |" for n, r in sorted(payload["detection_failures"].items())]
     lines += ["", "## All models", "",
-              "| model | status | conv→BN pairs | expanded | skipped | collapsed | error | strict reload | s |",
-              "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+              "| model | status | conv→BN pairs | expanded | skipped | collapsed | error | per layer | f32 noise | "
+              "f64 error | strict reload | s |",
+              "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in sorted(rows.items()):
         reload = "" if r["status"] in ("not run", "error", "timeout", "crash") else (
             "ok" if not r.get("strict_reload") else ("n/a" if r.get("structure_changes") else "FAIL"))
         lines.append(f"| {name} | {r['status']} | {r.get('meta_pairs', '')} | {r.get('expanded', '')} | "
                      f"{sum((r.get('skipped') or {}).values()) if 'skipped' in r else ''} | "
-                     f"{r.get('collapsed', '')} | {_fmt_error(r.get('error'))} | {reload} | {r.get('seconds', '')} |")
+                     f"{r.get('collapsed', '')} | {_fmt_error(r.get('error'))} | {_fmt_error(r.get('local_error'))} | "
+                     f"{_fmt_error(r.get('noise_f32'))} | {_fmt_error(r.get('error_f64'))} | {reload} | "
+                     f"{r.get('seconds', '')} |")
     return "\n".join(lines) + "\n"
 
 
