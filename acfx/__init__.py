@@ -7,6 +7,7 @@
 from .block import ACBlock, NormTail
 from .collapse import collapse
 from .expand import expand
+from .online import OnlineACConv
 from .options import ExpandOptions
 from .padding import DynamicSamePad2d
 from .report import Entry, Report
@@ -17,6 +18,7 @@ __all__ = [
     "collapse",
     "ACBlock",
     "NormTail",
+    "OnlineACConv",
     "EvenSplitConv2d",
     "DynamicSamePad2d",
     "ExpandOptions",

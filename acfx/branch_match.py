@@ -50,6 +50,9 @@ class ConvSpec:
 def conv_spec(module: nn.Module) -> Optional[ConvSpec]:
     """A plain nn.Conv2d, or a module exposing ``effective_weight()`` and conv attributes; else None."""
     if hasattr(module, "effective_weight"):
+        if not all(hasattr(module, a) for a in ("padding", "padding_mode", "stride", "dilation", "groups",
+                                                "in_channels", "out_channels", "bias")):
+            return None
         weight = module.effective_weight
     elif type(module) is nn.Conv2d or (isinstance(module, nn.Conv2d) and type(module).forward is nn.Conv2d.forward
                                       and not is_dynamic_same(module)):

@@ -15,6 +15,7 @@ from ._modules import hollow_copy
 from .block import ACBlock, NormTail
 from .geometry import conv_window
 from .layout import BlockLayout, BranchLayout, ConvGeometry, plan_block
+from .online import OnlineACConv
 from .norms import branch_norm, plain_norm, tail_children
 from .options import ExpandOptions
 from .padding import DynamicSamePad2d, make_pad
@@ -27,7 +28,7 @@ __all__ = ["BuiltSite", "conv_geometry", "build_site"]
 class BuiltSite:
     """The modules to swap in for one site."""
 
-    block: ACBlock
+    block: nn.Module  # ACBlock, or OnlineACConv in online mode
     # What goes into the BN's slot; None when the BN stays where it is (norm="sum") or there is none.
     tail: Optional[nn.Module]
 
@@ -94,8 +95,18 @@ def _unnormed_bn(conv: nn.Conv2d) -> nn.Module:
     return bn
 
 
+def _online(conv: nn.Conv2d, opts: ExpandOptions) -> BuiltSite:
+    """Online mode: one conv with merged kernels; the BN (if any) stays in its slot."""
+    scale = 1.0 if opts.gamma_init is None else opts.gamma_init
+    asym = 0.0 if opts.init == "preserve" else scale
+    block = OnlineACConv(conv, opts.branches, opts.placement, scale=scale, asym_scale=asym)
+    return BuiltSite(block, None)
+
+
 def build_site(conv: nn.Conv2d, norm: Optional[nn.Module], opts: ExpandOptions) -> BuiltSite:
     """The ACB for ``conv`` (and the BN ``norm`` after it, if any) under ``opts``."""
+    if opts.mode == "online":
+        return _online(conv, opts)
     geom = conv_geometry(conv)
     layout = plan_block(geom, opts.branches, opts.placement)
     assert layout.square.crop.is_zero, layout

@@ -5,13 +5,17 @@ import collections
 import logging
 from typing import Dict, Literal, Sequence, Tuple, Type, Union, overload
 
+import torch
 import torch.nn as nn
 
 from ._checks import check_model, working_copy
 from .block import ACBlock, NormTail
 from .branch_match import BranchSum, find_branch_sums
 from .fold import fold_norms
+from ._modules import refill_conv
 from .fused import fuse_match
+from .fusion import check_finite
+from .online import OnlineACConv
 from .options import ExpandOptions
 from .padding import DynamicSamePad2d
 from .report import Report
@@ -27,7 +31,7 @@ logger = logging.getLogger(__name__)
 
 def collapse_tracer(leaf_modules: Sequence[Type[nn.Module]] = ()):
     """A tracer factory that traces through ACBlocks (and any block) down to convs and BNs."""
-    leaves = (NormTail, DynamicSamePad2d, EvenSplitConv2d) + tuple(leaf_modules)
+    leaves = (NormTail, DynamicSamePad2d, EvenSplitConv2d, OnlineACConv) + tuple(leaf_modules)
     return lambda: AcfxTracer(leaf_types=leaves, opaque_types=(ACBlock,))
 
 
@@ -104,12 +108,38 @@ def _collapse_blocks(swaps: ModuleSwaps, leaf_modules, report: Report) -> nn.Mod
     replacements: Dict[str, nn.Module] = {}
     for part in parts:
         replacements.update(_collapse_part(part, report))
+        replacements.update(_collapse_merged_convs(part, report))
     reported = {e.name for e in report.entries}
     for name, module in swaps.root.named_modules():
         if isinstance(module, ACBlock) and name not in replacements and name not in reported:
             report.add(name, "skipped", "ACBlock", "not found in the traced graph (inside a part that "
                                                    "could not be traced)")
     return swaps.apply(replacements)
+
+
+def _is_merged_conv(module: nn.Module) -> bool:
+    """The protocol of convs whose kernel is computed from several (OnlineACConv): ``effective_weight()``
+    and the ``conv`` whose configuration applies it."""
+    return callable(getattr(module, "effective_weight", None)) and isinstance(getattr(module, "conv", None), nn.Conv2d)
+
+
+def _collapse_merged_convs(part: TracedPart, report: Report) -> Dict[str, nn.Module]:
+    """Each module with a merged kernel becomes its conv, holding that kernel (as computed in forward)."""
+    modules = dict(part.module.named_modules())
+    out: Dict[str, nn.Module] = {}
+    for node in part.graph.nodes:
+        module = modules.get(node.target) if node.op == "call_module" else None
+        name = part.qualify(node.target) if module is not None else None
+        if module is None or name in out or not _is_merged_conv(module):
+            continue
+        with torch.no_grad():
+            weight = module.effective_weight().detach().clone()
+        check_finite(name, "merged weight", weight)
+        bias = None if module.conv.bias is None else module.conv.bias.detach().clone()
+        out[name] = refill_conv(module.conv, weight, bias)
+        kh, kw = module.conv.kernel_size
+        report.add(name, "collapsed", f"{type(module).__name__} → {type(module.conv).__name__} {kh}x{kw}")
+    return out
 
 
 def _describe(match: BranchSum, block: nn.Module) -> str:

@@ -9,6 +9,7 @@ import torch.nn as nn
 from ._checks import check_model, working_copy
 from .block import ACBlock, NormTail
 from .build import build_site
+from .online import OnlineACConv
 from .options import ExpandOptions, FilterFn
 from .report import Report
 from .rewrite import ModuleSwaps
@@ -28,7 +29,7 @@ def _describe(site: ConvSite) -> str:
 
 def _refuse_expanded(model: nn.Module) -> None:
     for name, module in model.named_modules():
-        if isinstance(module, (ACBlock, NormTail)):
+        if isinstance(module, (ACBlock, NormTail, OnlineACConv)):
             raise ValueError(
                 f"acfx.expand: the model is already expanded ({type(module).__name__} at "
                 f"'{name or '<model>'}'); expanding again would nest blocks. Expand the plain model, or "
@@ -36,23 +37,25 @@ def _refuse_expanded(model: nn.Module) -> None:
 
 
 @overload
-def expand(model: nn.Module, *, init: str = ..., inplace: bool = ..., branches: str = ..., norm: str = ...,
-           placement: str = ..., gamma_init: Optional[float] = ..., include_unnormed: bool = ...,
-           filter_fn: Optional[FilterFn] = ..., leaf_modules: Sequence[Type[nn.Module]] = ...,
+def expand(model: nn.Module, *, init: str = ..., inplace: bool = ..., branches: str = ...,
+           norm: Optional[str] = ..., placement: str = ..., gamma_init: Optional[float] = ...,
+           include_unnormed: bool = ..., filter_fn: Optional[FilterFn] = ...,
+           leaf_modules: Sequence[Type[nn.Module]] = ..., mode: str = ...,
            return_report: Literal[False] = ...) -> nn.Module: ...
 
 
 @overload
-def expand(model: nn.Module, *, init: str = ..., inplace: bool = ..., branches: str = ..., norm: str = ...,
-           placement: str = ..., gamma_init: Optional[float] = ..., include_unnormed: bool = ...,
-           filter_fn: Optional[FilterFn] = ..., leaf_modules: Sequence[Type[nn.Module]] = ...,
+def expand(model: nn.Module, *, init: str = ..., inplace: bool = ..., branches: str = ...,
+           norm: Optional[str] = ..., placement: str = ..., gamma_init: Optional[float] = ...,
+           include_unnormed: bool = ..., filter_fn: Optional[FilterFn] = ...,
+           leaf_modules: Sequence[Type[nn.Module]] = ..., mode: str = ...,
            return_report: Literal[True]) -> Tuple[nn.Module, Report]: ...
 
 
 def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, branches: str = "both",
-           norm: str = "branch", placement: str = "centre", gamma_init: Optional[float] = None,
+           norm: Optional[str] = None, placement: str = "centre", gamma_init: Optional[float] = None,
            include_unnormed: bool = False, filter_fn: Optional[FilterFn] = None,
-           leaf_modules: Sequence[Type[nn.Module]] = (), return_report: bool = False
+           leaf_modules: Sequence[Type[nn.Module]] = (), mode: str = "exact", return_report: bool = False
            ) -> Union[nn.Module, Tuple[nn.Module, Report]]:
     """Replace every eligible k×k convolution (and the BatchNorm after it) by an ACB for training.
 
@@ -72,8 +75,8 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
             original function in train and eval mode; use it to fine-tune a pretrained model.
         inplace: rewrite ``model`` itself instead of a deep copy. On error the model is left as it was.
         branches: "both" (the paper's ACB), "hor" (1×k only) or "ver" (k×1 only).
-        norm: "branch": one BN per branch (the paper's best); "sum": no branch BNs, the original BN stays
-            after the sum of the three convs.
+        norm: "branch" (default): one BN per branch (the paper's best); "sum": no branch BNs, the original
+            BN stays after the sum of the three convs.
         placement: "centre" (the kernel skeleton, the paper's choice) or "border" (bottom row / right
             column, the paper's ablation). Even kernel sides (2×2, 4×4) have no centre row: "centre" splits
             the branch's output channels between the two middle rows (even channels upper/left, odd
@@ -85,6 +88,11 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
             collapsed conv gains a bias (reported as a change of structure).
         filter_fn: ``filter_fn(conv_module, qualified_name) -> bool``; only convs it accepts are expanded.
         leaf_modules: extra module classes the tracer must not trace into.
+        mode: "exact" (default): the paper's ACB, three convs and their BNs per site. "online": a different,
+            cheaper recipe (OREPA, CVPR 2022): the branches get learnable per-channel scales instead of BNs,
+            their kernels are merged at every forward into one k×k conv (:class:`~acfx.OnlineACConv`), and the
+            original BN stays after it. ``init="preserve"`` starts the asymmetric scales at 0; ``gamma_init``
+            sets the initial scales.
         return_report: also return a :class:`~acfx.Report` of every conv found: expanded, or skipped and why.
 
     Expanding an already-expanded model raises ValueError (blocks would nest).
@@ -99,11 +107,11 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
         >>> deployable = acfx.collapse(acnet.eval())   # a plain resnet18 again
     """
     check_model(model, "expand")
-    opts = ExpandOptions(init, branches, norm, placement, gamma_init, include_unnormed, filter_fn,
+    opts = ExpandOptions(init, branches, norm, mode, placement, gamma_init, include_unnormed, filter_fn,
                          tuple(leaf_modules))
     _refuse_expanded(model)
     target = working_copy(model, inplace, "expand")
-    tracer = lambda: AcfxTracer(leaf_types=(ACBlock, NormTail) + opts.leaf_modules)  # noqa: E731
+    tracer = lambda: AcfxTracer(leaf_types=(ACBlock, NormTail, OnlineACConv) + opts.leaf_modules)  # noqa: E731
     parts, untraced = trace_parts(target, tracer)
     shared = shared_module_names(target)
     report = Report("expand")
@@ -133,8 +141,9 @@ def _rewrite_site(site: ConvSite, opts: ExpandOptions, report: Report) -> dict:
     built = build_site(site.conv, site.norm, opts)
     detail, changes = "", False
     if site.norm is None:
-        detail = f"{site.no_norm}: expanded without a BN after the conv; collapse adds a conv bias"
         changes = site.conv.bias is None and opts.norm == "branch"
+        detail = f"{site.no_norm}: expanded without a BN after the conv" + (
+            "; collapse adds a conv bias" if changes else "")
     report.add(site.name, "expanded", _describe(site), detail, changes)
     replacements = {site.name: built.block}
     if built.tail is not None:

@@ -15,7 +15,19 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["EvenSplitConv2d"]
+__all__ = ["EvenSplitConv2d", "split_between_lines", "even_channel_mask"]
+
+
+def even_channel_mask(out_channels: int, like: torch.Tensor) -> torch.Tensor:
+    """[C_out, 1, 1, 1]: 1 for even output channels, 0 for odd ones."""
+    return (torch.arange(out_channels, device=like.device) % 2 == 0).view(-1, 1, 1, 1).to(like.dtype)
+
+
+def split_between_lines(weight: torch.Tensor, axis: str, even: torch.Tensor) -> torch.Tensor:
+    """The 2-line kernel of a 1×k ("rows") or k×1 ("cols") ``weight``: even channels (``even`` = 1) on the
+    first line, odd channels on the second."""
+    dim = 2 if axis == "rows" else 3
+    return torch.cat([weight * even, weight * (1 - even)], dim=dim)
 
 
 class EvenSplitConv2d(nn.Module):
@@ -37,8 +49,7 @@ class EvenSplitConv2d(nn.Module):
         self.padding = tuple(padding)
         self.weight = nn.Parameter(torch.empty(
             out_channels, in_channels // groups, *self.kernel_size, device=device, dtype=dtype))
-        even = (torch.arange(out_channels, device=device) % 2 == 0).view(-1, 1, 1, 1)
-        self.register_buffer("even_channels", even.to(self.weight.dtype), persistent=False)
+        self.register_buffer("even_channels", even_channel_mask(out_channels, self.weight), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -47,9 +58,7 @@ class EvenSplitConv2d(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """The 2-line kernel this branch convolves with: [out, in/groups, 2, k] or [out, in/groups, k, 2]."""
-        even = self.even_channels.to(self.weight.dtype)
-        dim = 2 if self.axis == "rows" else 3
-        return torch.cat([self.weight * even, self.weight * (1 - even)], dim=dim)
+        return split_between_lines(self.weight, self.axis, self.even_channels.to(self.weight.dtype))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding, self.dilation,

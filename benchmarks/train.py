@@ -1,0 +1,211 @@
+"""Training cost of ACNet: step time and peak memory of the base model and of each training mode.
+
+    python benchmarks/train.py               # GPU: bf16 autocast, channels_last, batch 128 at 224 px, SGD
+    python benchmarks/train.py --cpu         # CPU: small models, batch 8 at 96 px
+
+Modes: "base" (the original model), "exact" (acfx.expand: the paper's ACB, three convs and three BNs per
+site) and "online" (acfx.expand(mode="online"): kernels merged at every forward, one conv per site). Each
+step is forward + backward + optimizer step; the variants are interleaved round by round and the median
+kept; the base model is timed twice (noise floor). Beside each model, the FLOPs ratio expanded/base of a
+training step, counted with torch.utils.flop_counter on the meta device.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+from datetime import date
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+from torch.utils.flop_counter import FlopCounterMode
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE.parent))
+
+import acfx  # noqa: E402
+from acfx.zoo import build_model  # noqa: E402
+
+GPU_MODELS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016",
+              "repvgg_a2"]
+CPU_MODELS = ["resnet18", "mobilenetv3_small_100", "regnety_002"]
+MODES = {"base": None, "exact": dict(mode="exact"), "online": dict(mode="online")}
+
+
+def make(name: str, mode: str, device) -> nn.Module:
+    torch.manual_seed(0)
+    model = build_model(name)
+    if MODES[mode] is not None:
+        model = acfx.expand(model, **MODES[mode])
+    return model.to(device=device, memory_format=torch.channels_last).train()
+
+
+def step_flops(name: str, mode: str, batch: int, size: int) -> int:
+    """FLOPs of forward + backward, counted on the meta device (no memory, no compute)."""
+    with torch.device("meta"):
+        model = make(name, mode, "meta")
+        x = torch.randn(batch, 3, size, size)
+    with FlopCounterMode(display=False) as counter:
+        model(x).sum().backward()
+    return counter.get_total_flops()
+
+
+class Stepper:
+    """One training step of a model: forward under autocast, backward, SGD step."""
+
+    def __init__(self, model, x, y, compile_model: bool, dtype) -> None:
+        self.model = torch.compile(model) if compile_model else model
+        self.optimizer = torch.optim.SGD(model.parameters(), lr=1e-3, momentum=0.9)
+        self.x, self.y, self.dtype = x, y, dtype
+        self.loss = nn.CrossEntropyLoss()
+
+    def __call__(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+        with torch.autocast(self.x.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
+            loss = self.loss(self.model(self.x), self.y)
+        loss.backward()
+        self.optimizer.step()
+
+
+def _time(step, steps: int, cuda: bool) -> float:
+    if cuda:
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        for _ in range(steps):
+            step()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end) / steps
+    start = time.perf_counter()
+    for _ in range(steps):
+        step()
+    return (time.perf_counter() - start) * 1e3 / steps
+
+
+def _peak_memory(step, cuda: bool):
+    if not cuda:
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    step()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() / 2**20
+
+
+def measure(name: str, compile_model: bool, args) -> dict:
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
+    x = x.to(memory_format=torch.channels_last)
+    y = torch.randint(0, 1000, (args.batch_size,), device=device)
+    names = ["base", "base (again)", "exact", "online"]
+    steppers, memory = {}, {}
+    for variant in names:  # one at a time for the memory reading, then all kept for interleaved timing
+        mode = variant.split(" ")[0]
+        steppers[variant] = Stepper(make(name, mode, device), x, y, compile_model, args.dtype)
+        for _ in range(args.warmup):
+            steppers[variant]()
+        memory[variant] = _peak_memory(steppers[variant], cuda)
+    samples = {v: [] for v in names}
+    for _ in range(args.rounds):
+        for variant in names:
+            samples[variant].append(_time(steppers[variant], args.steps, cuda))
+    ms = {v: statistics.median(s) for v, s in samples.items()}
+    flops = {mode: step_flops(name, mode, 1, args.img_size) for mode in ("base", "exact", "online")}
+    return {"model": name, "mode": "compile" if compile_model else "eager", "ms": ms,
+            "peak_mib": memory, "noise": abs(ms["base (again)"] / ms["base"] - 1),
+            "exact/base": ms["exact"] / ms["base"], "online/base": ms["online"] / ms["base"],
+            "exact_flops/base": flops["exact"] / flops["base"], "online_flops/base": flops["online"] / flops["base"],
+            "exact_mem/base": memory["exact"] / memory["base"] if cuda else None,
+            "online_mem/base": memory["online"] / memory["base"] if cuda else None}
+
+
+def write_markdown(payload: dict) -> str:
+    env, rows = payload["environment"], payload["rows"]
+    lines = ["# Training step: base vs ACNet exact vs online", "",
+             f"{env['device']}, torch {env['torch']}, {env['date']}; batch {env['batch_size']} at {env['img_size']} "
+             f"px, {env['dtype']} autocast, channels_last, SGD; median of {env['rounds']} interleaved rounds of "
+             f"{env['steps']} steps. Noise: base timed twice.", "",
+             "| model | mode | base ms | exact ms | online ms | exact/base | online/base | noise | FLOPs exact/base "
+             "| FLOPs online/base | mem exact/base | mem online/base |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
+    for r in rows:
+        lines.append(f"| {r['model']} | {r['mode']} | {r['ms']['base']:.1f} | {r['ms']['exact']:.1f} | "
+                     f"{r['ms']['online']:.1f} | {r['exact/base']:.2f} | {r['online/base']:.2f} | {r['noise']:.3f} | "
+                     f"{r['exact_flops/base']:.2f} | {r['online_flops/base']:.2f} | {fmt(r['exact_mem/base'])} | "
+                     f"{fmt(r['online_mem/base'])} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_plot(payload: dict, path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = payload["rows"]
+    labels = [f"{r['model']}\n{r['mode']}" for r in rows]
+    xs = range(len(rows))
+    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 3.6))
+    ax.bar([x - 0.2 for x in xs], [r["exact/base"] for r in rows], 0.4, label="exact (paper's ACB) / base")
+    ax.bar([x + 0.2 for x in xs], [r["online/base"] for r in rows], 0.4, label="online / base")
+    ax.plot([x - 0.2 for x in xs], [r["exact_flops/base"] for r in rows], "k_", ms=18, label="FLOPs ratio (exact)")
+    ax.axhline(1.0, color="k", lw=0.5)
+    ax.set_xticks(list(xs))
+    ax.set_xticklabels(labels, fontsize=7)
+    ax.set_ylabel("step time / base")
+    env = payload["environment"]
+    ax.set_title(f"acfx training step, {env['device']}, torch {env['torch']}, {env['date']}", fontsize=9)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cpu", action="store_true")
+    parser.add_argument("--models", nargs="+", default=None)
+    parser.add_argument("--modes", nargs="+", choices=("eager", "compile"), default=None)
+    parser.add_argument("--batch-size", type=int, default=None)
+    parser.add_argument("--img-size", type=int, default=None)
+    parser.add_argument("--rounds", type=int, default=5)
+    parser.add_argument("--steps", type=int, default=None, help="steps per measurement")
+    parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    cpu = args.cpu or not torch.cuda.is_available()
+    args.device = "cpu" if cpu else "cuda"
+    args.models = args.models or (CPU_MODELS if cpu else GPU_MODELS)
+    args.modes = args.modes or (["eager"] if cpu else ["eager", "compile"])
+    args.batch_size = args.batch_size or (8 if cpu else 128)
+    args.img_size = args.img_size or (96 if cpu else 224)
+    args.steps = args.steps or (2 if cpu else 10)
+    args.dtype = torch.float32 if cpu else torch.bfloat16
+    torch.backends.cudnn.benchmark = True
+    rows = []
+    for name in args.models:
+        for mode in args.modes:
+            row = measure(name, mode == "compile", args)
+            rows.append(row)
+            print(f"{name:24s} {mode:7s} base {row['ms']['base']:8.1f} ms  exact/base {row['exact/base']:.2f} "
+                  f"online/base {row['online/base']:.2f} (noise {row['noise']:.3f}) FLOPs exact/base "
+                  f"{row['exact_flops/base']:.2f}", flush=True)
+    device = "CPU" if cpu else torch.cuda.get_device_name()
+    payload = {"environment": {"device": device, "torch": torch.__version__, "date": date.today().isoformat(),
+                               "batch_size": args.batch_size, "img_size": args.img_size, "rounds": args.rounds,
+                               "steps": args.steps, "dtype": str(args.dtype).replace("torch.", "")},
+               "rows": rows}
+    out = Path(args.out) if args.out else HERE / "results" / f"train_{'cpu' if cpu else 'gpu'}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    out.with_suffix(".md").write_text(write_markdown(payload))
+    write_plot(payload, out.with_suffix(".png"))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
