@@ -14,10 +14,12 @@ __all__ = ["main"]
 
 def _expand_options(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("expand options (must match those the checkpoint was trained with)")
+    group.add_argument("--mode", choices=("exact", "online"), default="exact",
+                       help="ACNet's block (default) or online re-parameterisation")
     group.add_argument("--branches", choices=("both", "hor", "ver"), default="both",
                        help="asymmetric branches to add (default: both)")
-    group.add_argument("--norm", choices=("branch", "sum"), default="branch",
-                       help="one BN per branch (default) or one BN after the sum")
+    group.add_argument("--norm", choices=("branch", "sum"), default=None,
+                       help="exact mode: one BN per branch (default) or one BN after the sum")
     group.add_argument("--placement", choices=("centre", "border"), default="centre",
                        help="asymmetric kernels on the centre row/column (default) or the border")
     group.add_argument("--include-unnormed", action="store_true",
@@ -25,7 +27,7 @@ def _expand_options(parser: argparse.ArgumentParser) -> None:
 
 
 def _expand_kwargs(args: argparse.Namespace) -> dict:
-    return dict(branches=args.branches, norm=args.norm, placement=args.placement,
+    return dict(mode=args.mode, branches=args.branches, norm=args.norm, placement=args.placement,
                 include_unnormed=args.include_unnormed)
 
 

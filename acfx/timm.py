@@ -8,8 +8,8 @@
 num_classes, in_chans, drop_rate, drop_path_rate, features_only, ...) and expands it. With
 ``pretrained=True`` the base weights are loaded first and expanded with ``init="preserve"``, so fine-tuning
 starts from the pretrained accuracy. ``acb_*`` keyword arguments choose the expand options
-(``acb_branches``, ``acb_norm``, ``acb_placement``, ``acb_gamma_init``, ``acb_include_unnormed``,
-``acb_init``).
+(``acb_mode``, ``acb_branches``, ``acb_norm``, ``acb_placement``, ``acb_gamma_init``,
+``acb_include_unnormed``, ``acb_init``).
 
 In timm's train.py: ``python train.py DATA --device-modules acfx.timm --model acb_resnet50 ...``
 (train.py imports the ``--device-modules`` before it builds the model). The architectures registered are
@@ -36,7 +36,7 @@ logger = logging.getLogger(__name__)
 
 # Read by timm's register_model: the pretrained cfgs of each acb_ model (those of its base model).
 default_cfgs: Dict[str, object] = {}
-_OPTIONS = ("init", "branches", "norm", "placement", "gamma_init", "include_unnormed")
+_OPTIONS = ("init", "branches", "norm", "placement", "gamma_init", "include_unnormed", "mode")
 
 
 def _acb_cfg(base: str):
