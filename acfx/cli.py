@@ -189,6 +189,13 @@ def _checkpoint_args(parser: argparse.ArgumentParser, output_help: str) -> None:
                              "checkpoint records (bn_eps, bn_momentum, model_kwargs) are used by default")
 
 
+def _conversion_args(parser: argparse.ArgumentParser, output_help: str) -> None:
+    _checkpoint_args(parser, output_help)
+    parser.add_argument("--tolerance", type=float, default=1e-5,
+                        help="max relative error of the converted model vs the source (default: 1e-5)")
+    _expand_options(parser)
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="acfx", description="ACNet training for any CNN: expand k×k convs into Asymmetric Convolution "
@@ -215,11 +222,9 @@ def _parser() -> argparse.ArgumentParser:
                                      "against the expanded model, and write a plain state_dict that "
                                      "timm.create_model(MODEL, checkpoint_path=OUT) loads strictly without acfx. "
                                      "Nothing is written if the checkpoint does not match.")
-    _checkpoint_args(col, "output .pth or .safetensors (default: <checkpoint>-collapsed.pth)")
+    _conversion_args(col, "output .pth or .safetensors (default: <checkpoint>-collapsed.pth)")
     col.add_argument("--fold-bn", action="store_true", help="also fold every BN into its conv (deploy form; "
                                                              "no longer loads into the plain architecture)")
-    col.add_argument("--tolerance", type=float, default=1e-5, help="max relative error of the check (default: 1e-5)")
-    _expand_options(col)
     col.set_defaults(func=cmd_collapse)
 
     exp = sub.add_parser("expand", help="plain checkpoint → ACNet checkpoint (function-preserving init)",
@@ -227,9 +232,7 @@ def _parser() -> argparse.ArgumentParser:
                                      "branches start at zero, the function is unchanged) and write the expanded "
                                      "state_dict, for a fine-tuning run (e.g. train.py --model acb_MODEL "
                                      "--initial-checkpoint OUT).")
-    _checkpoint_args(exp, "output .pth or .safetensors (default: <checkpoint>-acb.pth)")
-    exp.add_argument("--tolerance", type=float, default=1e-5, help="max relative error of the check (default: 1e-5)")
-    _expand_options(exp)
+    _conversion_args(exp, "output .pth or .safetensors (default: <checkpoint>-acb.pth)")
     exp.set_defaults(func=cmd_expand)
 
     ker = sub.add_parser("kernels", help="average kernel magnitude matrix (ACNet Sect. 4.4) as a grid and a PNG",

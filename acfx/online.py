@@ -46,8 +46,10 @@ class OnlineACConv(nn.Module):
         self.hor_scale = self._new_scale(asym_scale) if self.rows else None
         self.ver_scale = self._new_scale(asym_scale) if self.cols else None
         self.register_buffer("even_channels", even_channel_mask(out, ref), persistent=False)
-        self.train(conv.training)
-        self.requires_grad_(ref.requires_grad)
+        self.training = conv.training
+        for name, param in self.named_parameters():
+            if not name.startswith("conv."):  # the new parameters follow the conv's weight; the conv is not touched
+                param.requires_grad_(ref.requires_grad)
 
     def _new_weight(self, shape) -> nn.Parameter:
         ref = self.conv.weight

@@ -38,7 +38,7 @@ def test_unknown_model_is_a_clear_error(capsys):
 
 
 def test_every_command_has_help():
-    for command in ([], ["check"]):
+    for command in ([], ["check"], ["collapse"], ["expand"], ["kernels"]):
         done = subprocess.run([sys.executable, "-m", "acfx", *command, "--help"], capture_output=True, text=True)
         assert done.returncode == 0 and "usage: acfx" in done.stdout
 

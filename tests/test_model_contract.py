@@ -127,3 +127,12 @@ def test_new_modules_are_built_on_the_models_device():
     expanded = acfx.expand(model)
     assert {p.device.type for p in expanded.parameters()} == {"meta"}
     assert {b.device.type for b in expanded.buffers()} == {"meta"}
+
+
+def test_online_mode_leaves_the_wrapped_conv_flags_alone():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
+    model[0].weight.requires_grad_(False)
+    bias = model[0].bias
+    expanded = acfx.expand(model, mode="online", inplace=True)
+    assert expanded[0].conv.bias is bias and bias.requires_grad
+    assert not expanded[0].hor_weight.requires_grad  # new weights follow the conv's weight
