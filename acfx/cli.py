@@ -56,9 +56,12 @@ def _print_check(result, show_sites: bool) -> None:
           f"(+{100 * (p['expanded'] / p['plain'] - 1):.1f}%)  collapsed {p['collapsed']:,}")
     print(f"class kept: {'yes' if result.class_kept else 'NO'}; "
           f"training step: {'finite gradients' if result.train_step_finite else 'NON-FINITE gradients'}")
-    verdict = "OK" if result.error <= result.tolerance else "FAILED"
-    print(f"round trip (eval, random BN statistics): max|Δ|/max|y| = {result.error:.2e} "
-          f"(tolerance {result.tolerance:.0e}) {verdict}")
+    print(f"round trip (eval, random BN statistics): max|Δ|/max|y| = {result.error:.2e}; "
+          f"worst fused layer on its block's input: {result.local_error:.2e} (tolerance {result.tolerance:.0e})")
+    if result.error_f64 is not None:
+        print(f"  over the tolerance end to end, so measured in float64 too: round trip {result.error_f64:.2e}; "
+              f"the float32 expanded model is {result.noise_f32:.2e} from its float64 result (float32 noise floor)")
+    print(f"exact: {'OK' if result.exact else 'FAILED'}")
     if result.strict_reload is None:
         print(f"strict reload of the collapsed state_dict into a fresh {result.name}: OK")
     elif result.structure_changed:

@@ -19,6 +19,8 @@ from .report import Report
 
 __all__ = ["randomize_norms", "relative_error", "RoundTrip", "check_round_trip", "param_count"]
 
+F64_TOLERANCE = 1e-10
+
 
 def randomize_norms(model: nn.Module, seed: int = 0, gamma: float = 1.0) -> nn.Module:
     """Random running statistics and affine parameters on every BatchNorm, in place.
@@ -77,12 +79,19 @@ class RoundTrip:
 
     @property
     def exact(self) -> bool:
-        """Every fused layer reproduces its block to the tolerance; end to end too, unless the network itself
-        amplifies float32 rounding beyond it (then ``noise_f32``, the float32 expanded model's distance to
-        its float64 result, shows it, and ``error_f64`` the round trip in float64)."""
+        """Every fused layer reproduces its block to the tolerance, and so does the whole model, unless the
+        network itself amplifies rounding beyond it (random BN statistics make deep networks ill-conditioned).
+        Then the float32 difference counts as rounding when it is within 4× of ``noise_f32`` (the float32
+        expanded model's own distance to its float64 result), or when the same round trip in float64 agrees
+        to ``F64_TOLERANCE``: the fusion is exact, and float32 only rounds its weights, which the per-layer
+        check bounds."""
         if not self.local_error <= self.tolerance:
             return False
-        return self.error <= self.tolerance or self.error <= max(4 * (self.noise_f32 or 0.0), self.tolerance)
+        if self.error <= self.tolerance:
+            return True
+        within_noise = self.error <= 4 * (self.noise_f32 or 0.0)
+        exact_in_f64 = self.error_f64 is not None and self.error_f64 <= F64_TOLERANCE
+        return within_noise or exact_in_f64
 
     @property
     def ok(self) -> bool:

@@ -103,7 +103,8 @@ def _record(result, size) -> dict:
     rec = {"input": list(size), "seconds": round(result.seconds, 2), "params": result.params,
            "class_kept": result.class_kept, "train_step_finite": result.train_step_finite,
            "error": result.error, "local_error": result.local_error, "error_f64": result.error_f64,
-           "noise_f32": result.noise_f32, "gamma_scale": result.gamma_scale,
+           "noise_f32": result.noise_f32, "collapsed_vs_f64": result.collapsed_vs_f64,
+           "gamma_scale": result.gamma_scale,
            "strict_reload": result.strict_reload, "failure": result.failure}
     if result.expand_report is not None:
         rep = result.expand_report

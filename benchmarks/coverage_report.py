@@ -9,7 +9,8 @@ import sys
 
 def _reason_key(text: str) -> str:
     """A failure message with names and numbers blanked, to group similar failures."""
-    return re.sub(r"\d+", "N", re.sub(r"'[^']*'", "'…'", text or ""))[:160]
+    text = re.sub(r"'[^']*'", "'…'", text or "")
+    return re.sub(r"\(.*?\)|\b\d+(\.\d+)?(e[-+]?\d+)?\b", "…", text)[:160]
 
 
 def _fmt_error(value) -> str:
@@ -25,10 +26,12 @@ def _failure_text(row: dict) -> str:
     if not row.get("train_step_finite", True):
         parts.append("non-finite gradients")
     local, error, noise = row.get("local_error"), row.get("error"), row.get("noise_f32") or 0.0
+    error_f64 = row.get("error_f64")
     if local is not None and not local <= 1e-5:
         parts.append(f"a fused layer differs from its block by {local:.1e}")
-    if error is not None and not error <= max(4 * noise, 1e-5):
-        parts.append(f"round-trip error {error:.1e} (float32 noise floor {noise:.1e})")
+    if error is not None and not (error <= max(4 * noise, 1e-5) or (error_f64 is not None and error_f64 <= 1e-10)):
+        parts.append(f"round-trip error {error:.1e} (float32 noise floor {noise:.1e}, "
+                     f"float64 round trip {_fmt_error(error_f64)})")
     if row.get("strict_reload") and not row.get("structure_changes"):
         parts.append(f"strict reload: {row['strict_reload']}")
     for name, detail in (row.get("collapse_skipped") or {}).items():
@@ -55,10 +58,11 @@ def write_markdown(payload: dict) -> str:
         tame = [r for r in passing if r.get("gamma_scale", 1.0) < 1.0]
         lines += ["", "A model passes when its class is kept, a training step gives finite gradients, every fused "
                       "layer reproduces its block on the input the block saw (max|Δ|/max|y| ≤ 1e-5, float32), the "
-                      "whole collapsed model matches the expanded one (≤ 1e-5, or within 4× of the float32 noise "
-                      "floor: the float32 expanded model's own distance to its float64 result), and the collapsed "
-                      "state_dict loads strictly into a freshly built model. BN statistics and affine parameters "
-                      "are random.", "",
+                      "whole collapsed model matches the expanded one (≤ 1e-5; where a deep network amplifies "
+                      "float32 rounding beyond that: within 4× of its float32 noise floor, the float32 expanded "
+                      "model's own distance to its float64 result, or exact to 1e-10 when the round trip is "
+                      "repeated in float64), and the collapsed state_dict loads strictly into a freshly built "
+                      "model. BN statistics and affine parameters are random.", "",
                   f"Passing models: end-to-end error median {errors[len(errors) // 2]:.1e}, max {errors[-1]:.1e}; "
                   f"per fused layer max {local[-1]:.1e}.",
                   f"{len(noisy)} passing models are over 1e-5 end to end: deep networks with random BN statistics "

@@ -1,0 +1,54 @@
+"""The round-trip verdict of `acfx check` and the coverage sweep: what counts as exact."""
+import pytest
+import torch
+import torch.nn as nn
+
+from acfx.diagnostics import F64_TOLERANCE, RoundTrip, check_round_trip
+
+
+def _verdict(**measured) -> bool:
+    return RoundTrip("m", **{"local_error": 1e-7, "error": 1e-7, **measured}).exact
+
+
+@pytest.mark.parametrize("measured, exact", [
+    (dict(), True),
+    (dict(local_error=2e-5), False),  # one fused layer is wrong: never excused by the network's noise
+    (dict(local_error=2e-5, error=1e-7, error_f64=1e-15), False),
+    (dict(error=1e-3), False),  # over the tolerance and nothing measured to explain it
+    (dict(error=1e-3, noise_f32=5e-4), True),  # within 4x of the float32 noise floor
+    (dict(error=1e-3, noise_f32=1e-4), False),
+    (dict(error=1e-3, noise_f32=1e-6, error_f64=F64_TOLERANCE / 10), True),  # exact in float64
+    (dict(error=1e-3, noise_f32=1e-6, error_f64=F64_TOLERANCE * 10), False),
+])
+def test_exact_verdict(measured, exact):
+    assert _verdict(**measured) is exact
+
+
+class _Broken(nn.Module):
+    """A conv→BN net whose collapse is sabotaged: the verdict must catch it."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(8)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+def test_round_trip_catches_a_wrong_fusion(monkeypatch):
+    import acfx.fused as fused
+    real = fused.fused_kernel
+
+    def off_by_one_percent(*args, **kwargs):
+        kernel, bias = real(*args, **kwargs)
+        return kernel * 1.01, bias
+
+    monkeypatch.setattr(fused, "fused_kernel", off_by_one_percent)
+    result = check_round_trip("broken", _Broken, torch.randn(2, 3, 16, 16))
+    assert result.failure is None and result.local_error > 1e-3 and not result.exact and not result.ok, result
+
+
+def test_round_trip_of_a_correct_fusion_is_exact():
+    result = check_round_trip("plain", _Broken, torch.randn(2, 3, 16, 16))
+    assert result.ok and result.error <= 1e-5 and result.local_error <= 1e-5, result
