@@ -12,10 +12,12 @@ from .options import ExpandOptions
 from .padding import DynamicSamePad2d
 from .report import Entry, Report
 from .split_conv import EvenSplitConv2d
+from .stacked import set_exact_impl
 
 __all__ = [
     "expand",
     "collapse",
+    "set_exact_impl",
     "ACBlock",
     "NormTail",
     "OnlineACConv",

@@ -1,14 +1,19 @@
 """The Asymmetric Convolution Block and the module left in the BatchNorm's slot."""
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+import torch.fx._symbolic_trace as _fx_trace
 
 from ._modules import hollow_copy
 from .geometry import Window
 from .padding import crop
+from .stacked import stacked_forward, stacked_unsupported
+
+# True inside fx.symbolic_trace (collapse's tracer); older torch only has is_fx_tracing, which export sets too.
+_symbolic_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", _fx_trace.is_fx_tracing)
 
 __all__ = ["ACBlock", "NormTail"]
 
@@ -19,22 +24,33 @@ class ACBlock(nn.Module):
     Built by :func:`acfx.expand`; :func:`acfx.collapse` fuses it back into one convolution. ``pad`` is the
     padding the branches share (None when every branch conv pads by itself) and ``hor_crop`` /
     ``ver_crop`` the rows and columns each asymmetric branch removes from the shared input, so that every
-    branch reads the window the k×k kernel's centre row (column) reads.
+    branch reads the window the k×k kernel's centre row (column) reads; ``offsets`` says where the 1×k
+    (``"hor"``) and k×1 (``"ver"``) kernels sit in the k×k one, (row, column).
+
+    ``impl`` picks how the forward is computed: ``"branches"`` (the reference, as written below) or
+    ``"stacked"`` (one conv, one BN, one sum: see :mod:`acfx.stacked`, set with :func:`acfx.set_exact_impl`).
+    Tracing always sees the branches, so that collapse finds them.
     """
+
+    impl = "branches"
 
     def __init__(self, square: nn.Module, square_bn: Optional[nn.Module] = None,
                  hor: Optional[nn.Module] = None, hor_bn: Optional[nn.Module] = None,
                  ver: Optional[nn.Module] = None, ver_bn: Optional[nn.Module] = None,
                  pad: Optional[nn.Module] = None, hor_crop: Window = Window(),
-                 ver_crop: Window = Window()) -> None:
+                 ver_crop: Window = Window(),
+                 offsets: Optional[Dict[str, Tuple[int, int]]] = None) -> None:
         super().__init__()
         self.pad = pad
         self.square, self.square_bn = square, square_bn
         self.hor, self.hor_bn = hor, hor_bn
         self.ver, self.ver_bn = ver, ver_bn
         self.hor_crop, self.ver_crop = hor_crop, ver_crop
+        self.offsets = offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.impl == "stacked" and not _symbolic_tracing() and stacked_unsupported(self) is None:
+            return stacked_forward(self, x)
         if self.pad is not None:
             x = self.pad(x)
         out = self.square(x)

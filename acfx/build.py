@@ -13,7 +13,7 @@ import torch.nn as nn
 
 from ._modules import hollow_copy
 from .block import ACBlock, NormTail
-from .geometry import conv_window
+from .geometry import asym_offset, conv_window
 from .layout import BlockLayout, BranchLayout, ConvGeometry, plan_block
 from .online import OnlineACConv
 from .norms import branch_norm, plain_norm, tail_children
@@ -125,9 +125,11 @@ def build_site(conv: nn.Conv2d, norm: Optional[nn.Module], opts: ExpandOptions) 
             gamma = 0.0 if preserve else opts.gamma_init
             bn = branch_norm(source, gamma, 0.0 if preserve else None)
         branches[name + "_bn"] = bn
+    kh, kw = geom.kernel_size
+    offsets = {"hor": (asym_offset(kh, opts.placement)[0], 0), "ver": (0, asym_offset(kw, opts.placement)[0])}
     block = ACBlock(_square(conv, layout), square_bn, pad=_pre_pad(layout, geom),
                     hor_crop=layout.hor.crop if layout.hor else layout.square.crop,
-                    ver_crop=layout.ver.crop if layout.ver else layout.square.crop, **branches)
+                    ver_crop=layout.ver.crop if layout.ver else layout.square.crop, offsets=offsets, **branches)
     block.training = conv.training
     tail = None
     if per_branch and norm is not None:

@@ -4,7 +4,8 @@
     python benchmarks/train.py --cpu         # CPU: small models, batch 8 at 96 px
 
 Modes: "base" (the original model), "exact" (acfx.expand: the paper's ACB, three convs and three BNs per
-site) and "online" (acfx.expand(mode="online"): kernels merged at every forward, one conv per site). Each
+site), "exact-stacked" (the same ACB computed as one conv, one BN and one sum: acfx.set_exact_impl) and
+"online" (acfx.expand(mode="online"): kernels merged at every forward, one conv per site). Each
 step is forward + backward + optimizer step; the variants are interleaved round by round and the median
 kept; the base model is timed twice (noise floor). Beside each model, the FLOPs ratio expanded/base of a
 training step, counted with torch.utils.flop_counter on the meta device.
@@ -32,7 +33,8 @@ from acfx.zoo import build_model  # noqa: E402
 GPU_MODELS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016",
               "repvgg_a2"]
 CPU_MODELS = ["resnet18", "mobilenetv3_small_100", "regnety_002"]
-MODES = {"base": None, "exact": dict(mode="exact"), "online": dict(mode="online")}
+MODES = {"base": None, "exact": dict(mode="exact"), "exact-stacked": dict(mode="exact"),
+         "online": dict(mode="online")}
 
 
 def make(name: str, mode: str, device) -> nn.Module:
@@ -40,6 +42,8 @@ def make(name: str, mode: str, device) -> nn.Module:
     model = build_model(name)
     if MODES[mode] is not None:
         model = acfx.expand(model, **MODES[mode])
+    if mode == "exact-stacked":
+        acfx.set_exact_impl(model, "stacked")
     return model.to(device=device, memory_format=torch.channels_last).train()
 
 
@@ -95,13 +99,16 @@ def _peak_memory(step, cuda: bool):
     return torch.cuda.max_memory_allocated() / 2**20
 
 
+TRAINED = ("exact", "exact-stacked", "online")
+
+
 def measure(name: str, compile_model: bool, args) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
     x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    names = ["base", "base (again)", "exact", "online"]
+    names = ["base", "base (again)", *TRAINED]
     steppers, memory = {}, {}
     for variant in names:  # one at a time for the memory reading, then all kept for interleaved timing
         mode = variant.split(" ")[0]
@@ -114,30 +121,32 @@ def measure(name: str, compile_model: bool, args) -> dict:
         for variant in names:
             samples[variant].append(_time(steppers[variant], args.steps, cuda))
     ms = {v: statistics.median(s) for v, s in samples.items()}
-    flops = {mode: step_flops(name, mode, 1, args.img_size) for mode in ("base", "exact", "online")}
-    return {"model": name, "mode": "compile" if compile_model else "eager", "ms": ms,
-            "peak_mib": memory, "noise": abs(ms["base (again)"] / ms["base"] - 1),
-            "exact/base": ms["exact"] / ms["base"], "online/base": ms["online"] / ms["base"],
-            "exact_flops/base": flops["exact"] / flops["base"], "online_flops/base": flops["online"] / flops["base"],
-            "exact_mem/base": memory["exact"] / memory["base"] if cuda else None,
-            "online_mem/base": memory["online"] / memory["base"] if cuda else None}
+    flops = {mode: step_flops(name, mode, 1, args.img_size) for mode in ("base", *TRAINED)}
+    row = {"model": name, "mode": "compile" if compile_model else "eager", "ms": ms, "peak_mib": memory,
+           "noise": abs(ms["base (again)"] / ms["base"] - 1)}
+    for mode in TRAINED:
+        row[f"{mode}/base"] = ms[mode] / ms["base"]
+        row[f"{mode}_flops/base"] = flops[mode] / flops["base"]
+        row[f"{mode}_mem/base"] = memory[mode] / memory["base"] if cuda else None
+    return row
 
 
 def write_markdown(payload: dict) -> str:
     env, rows = payload["environment"], payload["rows"]
-    lines = ["# Training step: base vs ACNet exact vs online", "",
+    lines = ["# Training step: base vs ACNet exact (branches, stacked) vs online", "",
              f"{env['device']}, torch {env['torch']}, {env['date']}; batch {env['batch_size']} at {env['img_size']} "
              f"px, {env['dtype']} autocast, channels_last, SGD; median of {env['rounds']} interleaved rounds of "
-             f"{env['steps']} steps. Noise: base timed twice.", "",
-             "| model | mode | base ms | exact ms | online ms | exact/base | online/base | noise | FLOPs exact/base "
-             "| FLOPs online/base | mem exact/base | mem online/base |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+             f"{env['steps']} steps. Noise: base timed twice. Ratios are step time / base; FLOPs and peak "
+             "memory ratios beside them (memory on the GPU only).", "",
+             "| model | mode | base ms | " + " | ".join(f"{m}/base" for m in TRAINED) + " | noise | "
+             + " | ".join(f"FLOPs {m}" for m in TRAINED) + " | " + " | ".join(f"mem {m}" for m in TRAINED) + " |",
+             "|" + " --- |" * (4 + 3 * len(TRAINED))]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
-        lines.append(f"| {r['model']} | {r['mode']} | {r['ms']['base']:.1f} | {r['ms']['exact']:.1f} | "
-                     f"{r['ms']['online']:.1f} | {r['exact/base']:.2f} | {r['online/base']:.2f} | {r['noise']:.3f} | "
-                     f"{r['exact_flops/base']:.2f} | {r['online_flops/base']:.2f} | {fmt(r['exact_mem/base'])} | "
-                     f"{fmt(r['online_mem/base'])} |")
+        cells = [r["model"], r["mode"], f"{r['ms']['base']:.1f}"]
+        cells += [fmt(r[f"{m}/base"]) for m in TRAINED] + [f"{r['noise']:.3f}"]
+        cells += [fmt(r[f"{m}_flops/base"]) for m in TRAINED] + [fmt(r[f"{m}_mem/base"]) for m in TRAINED]
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -148,13 +157,15 @@ def write_plot(payload: dict, path) -> None:
 
     rows = payload["rows"]
     labels = [f"{r['model']}\n{r['mode']}" for r in rows]
-    xs = range(len(rows))
-    fig, ax = plt.subplots(figsize=(max(6, 1.1 * len(rows)), 3.6))
-    ax.bar([x - 0.2 for x in xs], [r["exact/base"] for r in rows], 0.4, label="exact (paper's ACB) / base")
-    ax.bar([x + 0.2 for x in xs], [r["online/base"] for r in rows], 0.4, label="online / base")
-    ax.plot([x - 0.2 for x in xs], [r["exact_flops/base"] for r in rows], "k_", ms=18, label="FLOPs ratio (exact)")
+    width = 0.8 / len(TRAINED)
+    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.8))
+    for i, mode in enumerate(TRAINED):
+        xs = [x - 0.4 + width * (i + 0.5) for x in range(len(rows))]
+        ax.bar(xs, [r[f"{mode}/base"] for r in rows], width, label=f"{mode} / base")
+        if mode == "exact":
+            ax.plot(xs, [r["exact_flops/base"] for r in rows], "k_", ms=14, label="FLOPs ratio (exact)")
     ax.axhline(1.0, color="k", lw=0.5)
-    ax.set_xticks(list(xs))
+    ax.set_xticks(list(range(len(rows))))
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("step time / base")
     env = payload["environment"]
@@ -191,9 +202,9 @@ def main(argv=None) -> int:
         for mode in args.modes:
             row = measure(name, mode == "compile", args)
             rows.append(row)
-            print(f"{name:24s} {mode:7s} base {row['ms']['base']:8.1f} ms  exact/base {row['exact/base']:.2f} "
-                  f"online/base {row['online/base']:.2f} (noise {row['noise']:.3f}) FLOPs exact/base "
-                  f"{row['exact_flops/base']:.2f}", flush=True)
+            ratios = "  ".join(f"{m}/base {row[f'{m}/base']:.2f}" for m in TRAINED)
+            print(f"{name:24s} {mode:7s} base {row['ms']['base']:8.1f} ms  {ratios} (noise {row['noise']:.3f}) "
+                  f"FLOPs exact/base {row['exact_flops/base']:.2f}", flush=True)
     device = "CPU" if cpu else torch.cuda.get_device_name()
     payload = {"environment": {"device": device, "torch": torch.__version__, "date": date.today().isoformat(),
                                "batch_size": args.batch_size, "img_size": args.img_size, "rounds": args.rounds,
