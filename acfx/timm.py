@@ -9,7 +9,8 @@ num_classes, in_chans, drop_rate, drop_path_rate, features_only, ...) and expand
 ``pretrained=True`` the base weights are loaded first and expanded with ``init="preserve"``, so fine-tuning
 starts from the pretrained accuracy. ``acb_*`` keyword arguments choose the expand options
 (``acb_mode``, ``acb_branches``, ``acb_norm``, ``acb_placement``, ``acb_gamma_init``,
-``acb_include_unnormed``, ``acb_init``).
+``acb_include_unnormed``, ``acb_init``), and ``acb_impl="stacked"`` the forward of the blocks
+(:func:`acfx.set_exact_impl`).
 
 In timm's train.py: ``python train.py DATA --device-modules acfx.timm --model acb_resnet50 ...``
 (train.py imports the ``--device-modules`` before it builds the model). The architectures registered are
@@ -28,6 +29,7 @@ from timm.models import register_model
 from timm.models._registry import _model_default_cfgs
 
 from .expand import expand
+from .stacked import set_exact_impl
 
 __all__ = ["PREFIX", "register", "registered", "default_cfgs"]
 
@@ -56,6 +58,7 @@ def _acb_cfg(base: str):
 def _entrypoint(base: str) -> Callable:
     def create(pretrained: bool = False, pretrained_cfg=None, **kwargs):
         options = {name: kwargs.pop(f"acb_{name}") for name in _OPTIONS if f"acb_{name}" in kwargs}
+        impl = kwargs.pop("acb_impl", None)
         options.setdefault("init", "preserve" if pretrained else "scratch")
         name = base
         if isinstance(pretrained_cfg, str):  # a tag, from "acb_resnet50.a1_in1k"
@@ -64,6 +67,8 @@ def _entrypoint(base: str) -> Callable:
         model, report = expand(model, inplace=True, return_report=True, **options)
         if not report.of("expanded"):
             logger.warning("acfx: %s has no conv→BN site to expand (%s)", base, report.skip_reasons())
+        if impl is not None:
+            set_exact_impl(model, impl)
         return model
 
     create.__name__ = PREFIX + base

@@ -36,6 +36,8 @@ def test_create_model_passes_arguments_through():
     assert model(torch.randn(2, 1, 32, 32)).shape == (2, 7)
     hor_only = timm.create_model("acb_resnet18", acb_branches="hor", acb_norm="sum")
     assert hor_only.layer1[0].conv1.ver is None and hor_only.layer1[0].conv1.hor_bn is None
+    stacked = timm.create_model("acb_resnet18", acb_impl="stacked")
+    assert {m.impl for m in stacked.modules() if isinstance(m, acfx.ACBlock)} == {"stacked"}
 
 
 def test_pretrained_loads_base_weights_then_preserves_the_function(tmp_path):
