@@ -126,17 +126,21 @@ def set_exact_impl(model: nn.Module, impl: str) -> Dict[str, str]:
     three BNs, summed) or "stacked" (one conv, one BN, one sum; same mathematics).
 
     Parameters, state_dict and collapse are the same either way. Returns the blocks that keep the branch
-    forward under "stacked", with the reason (e.g. SyncBatchNorm branches, ``norm="sum"``).
+    forward under "stacked", with the reason (e.g. SyncBatchNorm branches, ``norm="sum"``). Raises
+    ``ValueError`` for an unknown ``impl`` or a model without ACBlocks.
     """
     from .block import ACBlock  # local: block imports this module
 
     if impl not in EXACT_IMPLS:
         raise ValueError(f"impl must be one of {EXACT_IMPLS}, got {impl!r}")
+    blocks = {name: m for name, m in model.named_modules() if isinstance(m, ACBlock)}
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no ACBlock: call acfx.expand(model) first "
+                         "(online-mode models have one conv per site and nothing to choose)")
     kept: Dict[str, str] = {}
-    for name, module in model.named_modules():
-        if isinstance(module, ACBlock):
-            module.impl = impl
-            reason = stacked_unsupported(module) if impl == "stacked" else None
-            if reason is not None:
-                kept[name] = reason
+    for name, block in blocks.items():
+        block.impl = impl
+        reason = stacked_unsupported(block) if impl == "stacked" else None
+        if reason is not None:
+            kept[name] = reason
     return kept

@@ -114,9 +114,11 @@ def test_blocks_that_keep_the_branch_forward_are_reported():
         assert_rel_close(fallback(x), reference(x))
 
 
-def test_unknown_impl_is_a_clear_error():
+def test_bad_impl_or_model_is_a_clear_error():
     with pytest.raises(ValueError, match="impl must be one of"):
-        acfx.set_exact_impl(nn.Sequential(), "fast")
+        acfx.set_exact_impl(acfx.expand(nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8))), "fast")
+    with pytest.raises(ValueError, match="Sequential has no ACBlock: call acfx.expand"):
+        acfx.set_exact_impl(nn.Sequential(nn.Conv2d(4, 8, 3), nn.BatchNorm2d(8)), "stacked")
 
 
 def test_stacked_runs_one_conv_and_one_bn():
