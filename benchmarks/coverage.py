@@ -256,6 +256,8 @@ def main(argv=None) -> int:
                         help="input size, unless the model has a fixed one (default: 96)")
     parser.add_argument("--max-params", type=float, default=400e6,
                         help="models with more parameters are not run on this machine (default: 4e8)")
+    parser.add_argument("--min-params", type=float, default=0,
+                        help="only models with at least this many parameters (e.g. to run the largest apart)")
     parser.add_argument("--large", type=float, default=100e6,
                         help="models with more parameters run one at a time, budget doubled (default: 1e8)")
     parser.add_argument("--include-unnormed", action="store_true", help="expand convs without BN too")
@@ -271,6 +273,8 @@ def main(argv=None) -> int:
     if args.write_archs:
         write_arch_list(with_pairs, args.write_archs)
         return 0
+    if args.min_params:
+        with_pairs = [n for n in with_pairs if detected[n].get("params", 0) >= args.min_params]
     runnable = [n for n in with_pairs if detected[n].get("params", 0) <= args.max_params]
     print(f"{len(with_pairs)} with a conv→BN pair, {len(runnable)} under {args.max_params:.0e} parameters", flush=True)
     # Large models one at a time (memory), with a longer budget.
