@@ -2,20 +2,22 @@
 
 What `acfx collapse` and `acfx expand` run. The model is rebuilt from its name (timm or torchvision, random
 weights), the checkpoint is loaded strictly (nothing is written on a mismatch), and the converted model is
-checked against the source model on a random input before anything is saved.
+checked against the source model on a random input before anything is saved: it is written only when it
+matches to the tolerance, or, where the network amplifies float32 rounding past it, when the conversion
+repeated in float64 shows it exact (:func:`acfx.diagnostics.within_rounding`).
 """
 from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Mapping, Optional
+from typing import Callable, Mapping, Optional
 
 import torch
 import torch.nn as nn
 
 from .checkpoint import load_state_dict_strict, read_state_dict, write_state_dict
 from .collapse import collapse
-from .diagnostics import relative_error
+from .diagnostics import Float64Check, float64_check, relative_error, within_rounding
 from .expand import expand
 from .report import Report
 from .zoo import build_model, input_size_for
@@ -31,8 +33,18 @@ class Conversion:
     source: str
     output: str
     report: Report
+    # max|Δ|/max|y| of the converted model against the source model, float32, on a random input.
     error: float
     num_classes: Optional[int]
+    tolerance: float
+    # Measured only when ``error`` is over the tolerance: the same conversion in float64.
+    float64: Optional[Float64Check] = None
+    # False when the converted model did not match, and nothing was written.
+    written: bool = False
+
+    @property
+    def exact(self) -> bool:
+        return within_rounding(self.error, self.tolerance, self.float64)
 
 
 def _classifier_key(model: nn.Module) -> Optional[str]:
@@ -64,15 +76,26 @@ def _probe(model: nn.Module, name: str) -> torch.Tensor:
     return torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
 
 
-def _compare(source: nn.Module, converted: nn.Module, name: str) -> float:
-    x = _probe(source, name)
+def _verify_and_write(result: Conversion, source: nn.Module, converted: nn.Module,
+                      convert: Callable[[nn.Module], nn.Module]) -> Conversion:
+    """Compare ``converted`` with ``source`` (in float64 too if float32 is over the tolerance: ``source`` is
+    then turned to float64), and write the converted state_dict only if it is exact."""
+    x = _probe(source, result.model)
     with torch.no_grad():
-        return relative_error(converted.eval()(x), source.eval()(x))
+        y_source, y_converted = source.eval()(x), converted.eval()(x)
+    result.error = relative_error(y_converted, y_source)
+    if result.error > result.tolerance:
+        result.float64 = float64_check(source, convert, x, y_source, y_converted)
+    if result.exact:
+        write_state_dict(converted.state_dict(), result.output)
+        result.written = True
+    return result
 
 
 def collapse_checkpoint(checkpoint: str, name: str, output: str, *, use_ema: bool = False,
                         num_classes: Optional[int] = None, fold_bn: bool = False,
-                        model_kwargs: Optional[dict] = None, **expand_kwargs) -> Conversion:
+                        model_kwargs: Optional[dict] = None, tolerance: float = 1e-5,
+                        **expand_kwargs) -> Conversion:
     """Turn a training checkpoint of ``acfx.expand(<name>)`` into a checkpoint of the plain ``name``.
 
     ``model_kwargs`` go to the model builder; they must be those of training where they change what the
@@ -82,22 +105,24 @@ def collapse_checkpoint(checkpoint: str, name: str, output: str, *, use_ema: boo
     expanded = expand(plain, inplace=True, **expand_kwargs)
     load_state_dict_strict(expanded, state, checkpoint)
     collapsed, report = collapse(expanded, fold_bn=fold_bn, return_report=True)
-    error = _compare(expanded, collapsed, name)
-    write_state_dict(collapsed.state_dict(), output)
-    return Conversion(name, checkpoint, output, report, error, getattr(plain, "num_classes", None))
+    result = Conversion(name, checkpoint, output, report, float("nan"), getattr(plain, "num_classes", None),
+                        tolerance)
+    return _verify_and_write(result, expanded, collapsed,
+                             lambda m: collapse(m, fold_bn=fold_bn, inplace=True))
 
 
 def expand_checkpoint(checkpoint: str, name: str, output: str, *, use_ema: bool = False,
                       num_classes: Optional[int] = None, model_kwargs: Optional[dict] = None,
-                      **expand_kwargs) -> Conversion:
+                      tolerance: float = 1e-5, **expand_kwargs) -> Conversion:
     """Turn a plain checkpoint of ``name`` into one of ``acfx.expand(name, init="preserve")``."""
     state = read_state_dict(checkpoint, use_ema=use_ema)
     plain = build_matching(name, state, num_classes, **(model_kwargs or {}))
     load_state_dict_strict(plain, state, checkpoint)
     expanded, report = expand(plain, init="preserve", return_report=True, **expand_kwargs)
-    error = _compare(plain, expanded, name)
-    write_state_dict(expanded.state_dict(), output)
-    return Conversion(name, checkpoint, output, report, error, getattr(plain, "num_classes", None))
+    result = Conversion(name, checkpoint, output, report, float("nan"), getattr(plain, "num_classes", None),
+                        tolerance)
+    return _verify_and_write(result, plain, expanded,
+                             lambda m: expand(m, init="preserve", inplace=True, **expand_kwargs))
 
 
 def default_output(checkpoint: str, suffix: str) -> str:

@@ -93,3 +93,18 @@ def test_kernels_prints_the_grid_and_writes_a_heatmap(tmp_path, capsys):
     torch.save(acfx.expand(timm.create_model("resnet18")).state_dict(), acb)
     assert main(["kernels", str(acb), "--model", "resnet18", "-o", str(png)]) == 0
     assert "(expanded (ACNet), fused), 16 layers of 3x3" in capsys.readouterr().out
+
+
+def test_collapse_of_a_wrong_fusion_writes_nothing(tmp_path, capsys, monkeypatch):
+    """A conversion that is not exact (here a sabotaged fusion, 1% off) exits 1 and writes no checkpoint."""
+    import acfx.fused as fused
+    _, plain = _save_plain(tmp_path)
+    acb = tmp_path / "acb.pth"
+    assert main(["expand", str(plain), "--model", "resnet18", "-o", str(acb)]) == 0
+    real = fused.fused_kernel
+    monkeypatch.setattr(fused, "fused_kernel", lambda *a, **k: (real(*a, **k)[0] * 1.01, real(*a, **k)[1]))
+    out = tmp_path / "out.pth"
+    assert main(["collapse", str(acb), "--model", "resnet18", "-o", str(out)]) == 1
+    captured = capsys.readouterr()
+    assert "repeated in float64" in captured.out and "NOT written" in captured.err, captured
+    assert not out.exists()
