@@ -8,6 +8,8 @@ benchmarks/results/coverage_<source>.json and .md.
     python benchmarks/coverage.py                      # all timm models, CPU, 2 workers
     python benchmarks/coverage.py --source torchvision
     python benchmarks/coverage.py --filter 'resnet*' --workers 4 --budget 300
+    python benchmarks/coverage.py --min-params 4e8 --max-params 2e9 --batch-size 1 --merge
+                                                       # the largest ones apart, into the same table
 
 Each model runs in a worker process with a time budget; a model over budget, or one that crashes its
 worker, is recorded as such and the sweep goes on.
@@ -74,7 +76,7 @@ def _input_size(name: str, img_size: int) -> tuple:
     return native, fixed
 
 
-def _run_one(name: str, img_size: int, include_unnormed: bool) -> dict:
+def _run_one(name: str, img_size: int, batch_size: int, include_unnormed: bool) -> dict:
     import torch
     from acfx.diagnostics import check_round_trip
     from acfx.zoo import build_model
@@ -84,7 +86,7 @@ def _run_one(name: str, img_size: int, include_unnormed: bool) -> dict:
     record = {}
     for size in sizes:
         torch.manual_seed(0)
-        x = torch.randn(2, *size)
+        x = torch.randn(batch_size, *size)
         try:  # the plain model must run at this size; else try the native size
             probe = build_model(name).eval()
             with torch.no_grad():
@@ -124,7 +126,8 @@ def _record(result, size) -> dict:
     return rec
 
 
-def _worker(tasks, results, threads: int, budget: int, img_size: int, include_unnormed: bool) -> None:
+def _worker(tasks, results, threads: int, budget: int, img_size: int, batch_size: int,
+            include_unnormed: bool) -> None:
     import torch
     import warnings
     warnings.filterwarnings("ignore")
@@ -139,7 +142,7 @@ def _worker(tasks, results, threads: int, budget: int, img_size: int, include_un
         signal.alarm(budget)
         start = time.perf_counter()
         try:
-            rec = _pairs_on_meta(name) if phase == "detect" else _run_one(name, img_size, include_unnormed)
+            rec = _pairs_on_meta(name) if phase == "detect" else _run_one(name, img_size, batch_size, include_unnormed)
         except _Timeout:
             rec = {"status": "timeout", "failure": f"over the {budget} s budget"}
         except Exception as error:
@@ -168,7 +171,7 @@ def run_pool(phase: str, names, args) -> dict:
         tasks.put((phase, name))
     budget = args.detect_budget if phase == "detect" else args.budget
     spawn = lambda: ctx.Process(target=_worker, args=(tasks, results, args.threads, budget, args.img_size,  # noqa
-                                                      args.include_unnormed), daemon=True)
+                                                      args.batch_size, args.include_unnormed), daemon=True)
     workers = [spawn() for _ in range(args.workers)]
     for w in workers:
         w.start()
@@ -243,6 +246,18 @@ def write_arch_list(names, path) -> None:
     Path(path).write_text(header + "\n".join(names) + "\n")
 
 
+def _merged(path: Path, run: dict) -> dict:
+    """The results at ``path`` with this run's models replaced; each re-run row records its own run's args."""
+    payload = json.loads(path.read_text())
+    for name, row in run["results"].items():
+        if name not in payload["results"]:
+            raise SystemExit(f"--merge: {name} is not in {path}; run the full sweep first")
+        payload["results"][name] = {**row, "run_args": {k: run["args"][k] for k in ("img_size", "batch_size")}}
+    payload.setdefault("merged_runs", []).append({"environment": run["environment"], "args": run["args"],
+                                                  "models": sorted(run["results"])})
+    return payload
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--source", choices=("timm", "torchvision"), default="timm")
@@ -254,6 +269,8 @@ def main(argv=None) -> int:
     parser.add_argument("--detect-budget", type=int, default=120, help="seconds per model to find conv→BN pairs")
     parser.add_argument("--img-size", type=int, default=96,
                         help="input size, unless the model has a fixed one (default: 96)")
+    parser.add_argument("--batch-size", type=int, default=2,
+                        help="batch of the check (default: 2; 1 fits the largest models in memory)")
     parser.add_argument("--max-params", type=float, default=400e6,
                         help="models with more parameters are not run on this machine (default: 4e8)")
     parser.add_argument("--min-params", type=float, default=0,
@@ -262,6 +279,9 @@ def main(argv=None) -> int:
                         help="models with more parameters run one at a time, budget doubled (default: 1e8)")
     parser.add_argument("--include-unnormed", action="store_true", help="expand convs without BN too")
     parser.add_argument("--out", default=None, help="output stem (default: benchmarks/results/coverage_<source>)")
+    parser.add_argument("--merge", action="store_true",
+                        help="replace this run's models in the existing results at --out (and re-count), "
+                             "instead of writing a new table")
     parser.add_argument("--write-archs", default=None, metavar="PATH",
                         help="write the timm models with a conv→BN pair to PATH (acfx/timm_archs.txt) and stop")
     args = parser.parse_args(argv)
@@ -295,6 +315,9 @@ def main(argv=None) -> int:
     stem.parent.mkdir(parents=True, exist_ok=True)
     payload = {"environment": _environment(), "args": vars(args), "models_listed": len(names),
                "with_conv_bn_pair": len(with_pairs), "detection_failures": undetected, "results": rows}
+    if args.merge:
+        payload = _merged(stem.with_suffix(".json"), payload)
+        rows = payload["results"]
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
     from coverage_report import write_markdown
     stem.with_suffix(".md").write_text(write_markdown(payload))

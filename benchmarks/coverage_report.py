@@ -45,10 +45,14 @@ def write_markdown(payload: dict) -> str:
     lines = [f"# acfx coverage: {payload['args']['source']}", "",
              f"{env['date']}, torch {env['torch']}, torchvision {env['torchvision']}, timm {env['timm']}, "
              f"Python {env['python']}, {env['machine']} CPU ({env['cpu_count']} cores), float32, "
-             f"input {payload['args']['img_size']} px unless the model has a fixed size, batch 2.", "",
-             f"{payload['models_listed']} models listed, {payload['with_conv_bn_pair']} with a conv→BN pair "
-             "(found by tracing each model on the meta device).", "",
-             "| status | models |", "| --- | --- |"]
+             f"input {payload['args']['img_size']} px unless the model has a fixed size, "
+             f"batch {payload['args'].get('batch_size', 2)}.", ""]
+    for run in payload.get("merged_runs", []):
+        lines += [f"Re-run apart on {run['environment']['date']} (merged into this table): "
+                  f"{', '.join(run['models'])}, batch {run['args']['batch_size']}, "
+                  f"up to {run['args']['max_params']:.0e} parameters.", ""]
+    lines += [f"{payload['models_listed']} models listed, {payload['with_conv_bn_pair']} with a conv→BN pair "
+              "(found by tracing each model on the meta device).", "", "| status | models |", "| --- | --- |"]
     lines += [f"| {s} | {n} |" for s, n in statuses.most_common()]
     passing = [r for r in rows.values() if r["status"] == "pass"]
     if passing:
