@@ -12,7 +12,7 @@ from .options import ExpandOptions
 from .padding import DynamicSamePad2d
 from .report import Entry, Report
 from .split_conv import EvenSplitConv2d
-from .stacked import set_exact_impl
+from .exact_impl import set_exact_impl
 
 __all__ = [
     "expand",

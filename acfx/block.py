@@ -10,7 +10,7 @@ import torch.fx._symbolic_trace as _fx_trace
 from ._modules import hollow_copy
 from .geometry import Window
 from .padding import crop
-from .stacked import stacked_forward, stacked_unsupported
+from .exact_impl import alternative_forward
 
 # True inside fx.symbolic_trace (collapse's tracer); older torch only has is_fx_tracing, which export sets too.
 _symbolic_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", _fx_trace.is_fx_tracing)
@@ -27,9 +27,10 @@ class ACBlock(nn.Module):
     branch reads the window the k×k kernel's centre row (column) reads; ``offsets`` says where the 1×k
     (``"hor"``) and k×1 (``"ver"``) kernels sit in the k×k one, (row, column).
 
-    ``impl`` picks how the forward is computed: ``"branches"`` (the reference, as written below) or
-    ``"stacked"`` (one conv, one BN, one sum: see :mod:`acfx.stacked`, set with :func:`acfx.set_exact_impl`).
-    Tracing always sees the branches, so that collapse finds them.
+    ``impl`` picks how the forward is computed: ``"branches"`` (the reference, as written below),
+    ``"stacked"`` (one conv, one BN, one sum: :mod:`acfx.stacked`) or ``"recompute"`` (the branches, keeping
+    less for backward: :mod:`acfx.recompute`); set it with :func:`acfx.set_exact_impl`. Tracing always sees
+    the branches, so that collapse finds them.
     """
 
     impl = "branches"
@@ -49,8 +50,10 @@ class ACBlock(nn.Module):
         self.offsets = offsets
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.impl == "stacked" and not _symbolic_tracing() and stacked_unsupported(self) is None:
-            return stacked_forward(self, x)
+        if self.impl != "branches" and not _symbolic_tracing():
+            other = alternative_forward(self)
+            if other is not None:
+                return other(self, x)
         if self.pad is not None:
             x = self.pad(x)
         out = self.square(x)

@@ -15,7 +15,7 @@ the reference this one is tested against.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import List, Optional
 
 import torch
 import torch.nn as nn
@@ -23,9 +23,8 @@ import torch.nn.functional as F
 
 from .split_conv import EvenSplitConv2d
 
-__all__ = ["EXACT_IMPLS", "set_exact_impl", "stacked_unsupported", "stacked_forward"]
+__all__ = ["stacked_unsupported", "stacked_forward"]
 
-EXACT_IMPLS = ("branches", "stacked")
 _NAMES = ("square", "hor", "ver")
 
 
@@ -119,28 +118,3 @@ def _batch_norm(y: torch.Tensor, norms: List[nn.BatchNorm2d], groups: int) -> to
                 norm.running_mean.copy_(m)
                 norm.running_var.copy_(v)
     return out
-
-
-def set_exact_impl(model: nn.Module, impl: str) -> Dict[str, str]:
-    """Choose how every ACBlock of ``model`` computes its forward: "branches" (the reference: three convs,
-    three BNs, summed) or "stacked" (one conv, one BN, one sum; same mathematics).
-
-    Parameters, state_dict and collapse are the same either way. Returns the blocks that keep the branch
-    forward under "stacked", with the reason (e.g. SyncBatchNorm branches, ``norm="sum"``). Raises
-    ``ValueError`` for an unknown ``impl`` or a model without ACBlocks.
-    """
-    from .block import ACBlock  # local: block imports this module
-
-    if impl not in EXACT_IMPLS:
-        raise ValueError(f"impl must be one of {EXACT_IMPLS}, got {impl!r}")
-    blocks = {name: m for name, m in model.named_modules() if isinstance(m, ACBlock)}
-    if not blocks:
-        raise ValueError(f"{type(model).__name__} has no ACBlock: call acfx.expand(model) first "
-                         "(online-mode models have one conv per site and nothing to choose)")
-    kept: Dict[str, str] = {}
-    for name, block in blocks.items():
-        block.impl = impl
-        reason = stacked_unsupported(block) if impl == "stacked" else None
-        if reason is not None:
-            kept[name] = reason
-    return kept

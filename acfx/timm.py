@@ -9,8 +9,8 @@ num_classes, in_chans, drop_rate, drop_path_rate, features_only, ...) and expand
 ``pretrained=True`` the base weights are loaded first and expanded with ``init="preserve"``, so fine-tuning
 starts from the pretrained accuracy. ``acb_*`` keyword arguments choose the expand options
 (``acb_mode``, ``acb_branches``, ``acb_norm``, ``acb_placement``, ``acb_gamma_init``,
-``acb_include_unnormed``, ``acb_init``), and ``acb_impl="stacked"`` the forward of the blocks
-(:func:`acfx.set_exact_impl`).
+``acb_include_unnormed``, ``acb_init``), and ``acb_impl="stacked"`` or ``"recompute"`` the forward of the
+blocks (:func:`acfx.set_exact_impl`).
 
 In timm's train.py: ``python train.py DATA --device-modules acfx.timm --model acb_resnet50 ...``
 (train.py imports the ``--device-modules`` before it builds the model). The architectures registered are
@@ -29,7 +29,7 @@ from timm.models import register_model
 from timm.models._registry import _model_default_cfgs
 
 from .expand import expand
-from .stacked import set_exact_impl
+from .exact_impl import set_exact_impl
 
 __all__ = ["PREFIX", "register", "registered", "default_cfgs"]
 
