@@ -5,7 +5,7 @@
 - SyncBatchNorm training (NCCL, one process): runs, and collapse of the trained model is exact;
 - autocast fp16 and bf16 with channels_last: training runs, collapse is exact in float32;
 - torch.compile of the expanded model in training, and of the collapsed model in eval, match eager;
-- the stacked ACB forward (acfx.set_exact_impl) matches the branch forward in training on cuDNN (TF32 off).
+- the stacked and recompute ACB forwards (acfx.set_exact_impl) match the branch forward in training on cuDNN (TF32 off).
 The same checks run on the CPU in the test suite, where SyncBatchNorm cannot train.
 """
 from __future__ import annotations
@@ -86,19 +86,20 @@ def check_compile() -> dict:
             "collapsed": collapsed_error}
 
 
-def check_stacked() -> dict:
-    """Stacked vs branch forward, one training step in float32 with TF32 off: output and gradients."""
+def check_impl(impl: str) -> dict:
+    """An exact implementation (acfx.set_exact_impl) vs the branch forward, one training step in float32 with
+    TF32 off: output, gradients and running statistics."""
     torch.backends.cudnn.allow_tf32, torch.backends.cuda.matmul.allow_tf32 = False, False
     torch.manual_seed(0)
     branches = acfx.expand(build_model("resnet18", num_classes=10)).cuda().to(memory_format=torch.channels_last)
-    stacked = copy.deepcopy(branches)
-    acfx.set_exact_impl(stacked, "stacked")
+    other = copy.deepcopy(branches)
+    acfx.set_exact_impl(other, impl)
     x = torch.randn(8, 3, 64, 64, device="cuda").to(memory_format=torch.channels_last)
-    outs = [m(x) for m in (branches, stacked)]
+    outs = [m(x) for m in (branches, other)]
     for out in outs:
         out.square().mean().backward()
-    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (branches, stacked)]
-    stats = [torch.cat([b.flatten() for n, b in m.named_buffers() if "running" in n]) for m in (branches, stacked)]
+    grads = [torch.cat([p.grad.flatten() for p in m.parameters()]) for m in (branches, other)]
+    stats = [torch.cat([b.flatten() for n, b in m.named_buffers() if "running" in n]) for m in (branches, other)]
     torch.backends.cudnn.allow_tf32 = True
     return {"forward": relative_error(outs[1], outs[0]), "gradients": relative_error(grads[1], grads[0]),
             "running": relative_error(stats[1], stats[0])}
@@ -116,10 +117,11 @@ def main() -> int:
     rows += [("torch.compile training forward vs eager", compiled["forward"], 1e-4),
              ("torch.compile training gradients vs eager", compiled["gradients"], 1e-3),
              ("torch.compile collapsed eval vs eager", compiled["collapsed"], 1e-4)]
-    stacked = check_stacked()
-    rows += [("stacked vs branch forward, training output (fp32)", stacked["forward"], 1e-5),
-             ("stacked vs branch forward, gradients (fp32)", stacked["gradients"], 1e-4),
-             ("stacked vs branch forward, running statistics (fp32)", stacked["running"], 1e-5)]
+    for impl in ("stacked", "recompute"):
+        measured = check_impl(impl)
+        rows += [(f"{impl} vs branch forward, training output (fp32)", measured["forward"], 1e-5),
+                 (f"{impl} vs branch forward, gradients (fp32)", measured["gradients"], 1e-4),
+                 (f"{impl} vs branch forward, running statistics (fp32)", measured["running"], 1e-5)]
     lines = ["# GPU checks", "", f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {date.today()}", "",
              "| check | max|Δ|/max|y| | tolerance | ok |", "| --- | --- | --- | --- |"]
     lines += [f"| {name} | {err:.1e} | {tol:.0e} | {'yes' if err <= tol else 'NO'} |" for name, err, tol in rows]

@@ -4,11 +4,14 @@
     python benchmarks/train.py --cpu         # CPU: small models, batch 8 at 96 px
 
 Modes: "base" (the original model), "exact" (acfx.expand: the paper's ACB, three convs and three BNs per
-site), "exact-stacked" (the same ACB computed as one conv, one BN and one sum: acfx.set_exact_impl) and
-"online" (acfx.expand(mode="online"): kernels merged at every forward, one conv per site). Each
+site), "exact-stacked" (the same ACB computed as one conv, one BN and one sum: acfx.set_exact_impl),
+"exact-recompute" (the same branches, each conv→BN keeping only its input for backward) and "online"
+(acfx.expand(mode="online"): kernels merged at every forward, one conv per site). Each
 step is forward + backward + optimizer step; the variants are interleaved round by round and the median
 kept; the base model is timed twice (noise floor). Beside each model, the FLOPs ratio expanded/base of a
-training step, counted with torch.utils.flop_counter on the meta device.
+training step, counted with torch.utils.flop_counter on the meta device, the peak memory ratio (GPU), and
+the activation memory ratio: the bytes autograd keeps for backward in one forward (distinct storages,
+parameters and input excluded), the same on any device, so the CPU mode reports it too.
 """
 from __future__ import annotations
 
@@ -34,7 +37,8 @@ GPU_MODELS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenetv
               "repvgg_a2"]
 CPU_MODELS = ["resnet18", "mobilenetv3_small_100", "regnety_002"]
 MODES = {"base": None, "exact": dict(mode="exact"), "exact-stacked": dict(mode="exact"),
-         "online": dict(mode="online")}
+         "exact-recompute": dict(mode="exact"), "online": dict(mode="online")}
+IMPLS = {"exact-stacked": "stacked", "exact-recompute": "recompute"}
 
 
 def make(name: str, mode: str, device) -> nn.Module:
@@ -42,8 +46,8 @@ def make(name: str, mode: str, device) -> nn.Module:
     model = build_model(name)
     if MODES[mode] is not None:
         model = acfx.expand(model, **MODES[mode])
-    if mode == "exact-stacked":
-        acfx.set_exact_impl(model, "stacked")
+    if mode in IMPLS:
+        acfx.set_exact_impl(model, IMPLS[mode])
     return model.to(device=device, memory_format=torch.channels_last).train()
 
 
@@ -99,7 +103,24 @@ def _peak_memory(step, cuda: bool):
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-TRAINED = ("exact", "exact-stacked", "online")
+TRAINED = ("exact", "exact-stacked", "exact-recompute", "online")
+
+
+def saved_activation_mib(model: nn.Module, x: torch.Tensor, dtype) -> float:
+    """MiB of the distinct storages autograd keeps for backward in one training forward."""
+    exclude = {t.untyped_storage().data_ptr() for t in (x, *model.parameters())}
+    storages = {}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in exclude:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
+            model(x)
+    return sum(storages.values()) / 2**20
 
 
 def measure(name: str, compile_model: bool, args) -> dict:
@@ -109,13 +130,15 @@ def measure(name: str, compile_model: bool, args) -> dict:
     x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     names = ["base", "base (again)", *TRAINED]
-    steppers, memory = {}, {}
+    steppers, memory, activations = {}, {}, {}
     for variant in names:  # one at a time for the memory reading, then all kept for interleaved timing
         mode = variant.split(" ")[0]
         steppers[variant] = Stepper(make(name, mode, device), x, y, compile_model, args.dtype)
         for _ in range(args.warmup):
             steppers[variant]()
         memory[variant] = _peak_memory(steppers[variant], cuda)
+        if not compile_model:
+            activations[variant] = saved_activation_mib(steppers[variant].model, x, args.dtype)
     samples = {v: [] for v in names}
     for _ in range(args.rounds):
         for variant in names:
@@ -123,30 +146,35 @@ def measure(name: str, compile_model: bool, args) -> dict:
     ms = {v: statistics.median(s) for v, s in samples.items()}
     flops = {mode: step_flops(name, mode, 1, args.img_size) for mode in ("base", *TRAINED)}
     row = {"model": name, "mode": "compile" if compile_model else "eager", "ms": ms, "peak_mib": memory,
-           "noise": abs(ms["base (again)"] / ms["base"] - 1)}
+           "saved_activation_mib": activations or None, "noise": abs(ms["base (again)"] / ms["base"] - 1)}
     for mode in TRAINED:
         row[f"{mode}/base"] = ms[mode] / ms["base"]
         row[f"{mode}_flops/base"] = flops[mode] / flops["base"]
         row[f"{mode}_mem/base"] = memory[mode] / memory["base"] if cuda else None
+        row[f"{mode}_act/base"] = activations[mode] / activations["base"] if activations else None
     return row
 
 
 def write_markdown(payload: dict) -> str:
     env, rows = payload["environment"], payload["rows"]
-    lines = ["# Training step: base vs ACNet exact (branches, stacked) vs online", "",
+    lines = ["# Training step: base vs ACNet exact (branches, stacked, recompute) vs online", "",
              f"{env['device']}, torch {env['torch']}, {env['date']}; batch {env['batch_size']} at {env['img_size']} "
              f"px, {env['dtype']} autocast, channels_last, SGD; median of {env['rounds']} interleaved rounds of "
-             f"{env['steps']} steps. Noise: base timed twice. Ratios are step time / base; FLOPs and peak "
-             "memory ratios beside them (memory on the GPU only).", "",
-             "| model | mode | base ms | " + " | ".join(f"{m}/base" for m in TRAINED) + " | noise | "
-             + " | ".join(f"FLOPs {m}" for m in TRAINED) + " | " + " | ".join(f"mem {m}" for m in TRAINED) + " |",
-             "|" + " --- |" * (4 + 3 * len(TRAINED))]
+             f"{env['steps']} steps. Ratios are to the base model measured in the same run; noise: the base model "
+             "timed twice. FLOPs: forward + backward (torch.utils.flop_counter). Activations: bytes autograd "
+             "keeps for backward in one forward (eager only). Peak memory: torch.cuda.max_memory_allocated "
+             "over one step (GPU only).", "",
+             "| model | mode | variant | ms | time / base | noise | FLOPs / base | activations / base | "
+             "peak memory / base |", "|" + " --- |" * 9]
     fmt = lambda v: "n/a" if v is None else f"{v:.2f}"  # noqa: E731
     for r in rows:
-        cells = [r["model"], r["mode"], f"{r['ms']['base']:.1f}"]
-        cells += [fmt(r[f"{m}/base"]) for m in TRAINED] + [f"{r['noise']:.3f}"]
-        cells += [fmt(r[f"{m}_flops/base"]) for m in TRAINED] + [fmt(r[f"{m}_mem/base"]) for m in TRAINED]
-        lines.append("| " + " | ".join(cells) + " |")
+        act = "1.00" if r.get("saved_activation_mib") else "n/a"
+        mem = "1.00" if r["peak_mib"].get("base") is not None else "n/a"
+        lines.append(f"| {r['model']} | {r['mode']} | base | {r['ms']['base']:.1f} | 1.00 | {r['noise']:.3f} | "
+                     f"1.00 | {act} | {mem} |")
+        for m in TRAINED:
+            lines.append(f"| | | {m} | {r['ms'][m]:.1f} | {fmt(r[f'{m}/base'])} | | {fmt(r[f'{m}_flops/base'])} | "
+                         f"{fmt(r.get(f'{m}_act/base'))} | {fmt(r[f'{m}_mem/base'])} |")
     return "\n".join(lines) + "\n"
 
 
