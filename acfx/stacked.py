@@ -91,7 +91,11 @@ def stacked_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     if any(b is not None for b in biases):
         bias = _by_group([b if b is not None else torch.zeros_like(square.weight[:, 0, 0, 0]) for b in biases],
                          groups)
-    y = square._conv_forward(x, _by_group(kernels, groups), bias)
+    # The bias is added after the conv, not passed to it: Inductor (torch 2.11) cannot lower a conv whose
+    # bias is a view of a computed tensor.
+    y = square._conv_forward(x, _by_group(kernels, groups), None)
+    if bias is not None:
+        y = y + bias.view(1, -1, 1, 1)
     norms = [getattr(block, name + "_bn") for name in names]
     y = _batch_norm(y, norms, groups)
     n, _, h, w = y.shape
