@@ -80,6 +80,8 @@ def _conv_reason(conv: nn.Module) -> Optional[str]:
 
 def recompute_unsupported(block: nn.Module) -> Optional[str]:
     """Why ``block`` must run the plain branch forward (None: the recompute forward computes the same thing)."""
+    if not hasattr(torch.amp, "is_autocast_available"):
+        return "needs torch >= 2.4 (per-device autocast state, to recompute under the forward's autocast)"
     for name in _NAMES:
         conv, norm = getattr(block, name), getattr(block, name + "_bn")
         if conv is None:
