@@ -5,7 +5,7 @@ same parameters and state_dict, so collapse and checkpoints do not care which on
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional, Tuple
+from typing import Callable, Dict, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
@@ -13,27 +13,33 @@ import torch.nn as nn
 from .recompute import recompute_forward, recompute_unsupported
 from .stacked import stacked_forward, stacked_unsupported
 
-__all__ = ["EXACT_IMPLS", "set_exact_impl", "alternative_forward"]
+__all__ = ["EXACT_IMPLS", "ExactImpl", "set_exact_impl", "alternative_forward"]
 
-Forward = Callable[[nn.Module, torch.Tensor], torch.Tensor]
-Unsupported = Callable[[nn.Module], Optional[str]]
 
-# name -> (why a block cannot use it, its forward); "branches" is ACBlock's own forward.
-_REGISTRY: Dict[str, Optional[Tuple[Unsupported, Forward]]] = {
+class ExactImpl(NamedTuple):
+    """An alternative forward of ACBlock."""
+
+    # Why a block cannot use it as it is now (None: it can).
+    unsupported: Callable[[nn.Module], Optional[str]]
+    forward: Callable[[nn.Module, torch.Tensor], torch.Tensor]
+
+
+# None: ACBlock's own (branch) forward.
+_REGISTRY: Dict[str, Optional[ExactImpl]] = {
     "branches": None,
-    "stacked": (stacked_unsupported, stacked_forward),
-    "recompute": (recompute_unsupported, recompute_forward),
+    "stacked": ExactImpl(stacked_unsupported, stacked_forward),
+    "recompute": ExactImpl(recompute_unsupported, recompute_forward),
 }
 EXACT_IMPLS = tuple(_REGISTRY)
 
 
-def alternative_forward(block: nn.Module) -> Optional[Forward]:
+def alternative_forward(block: nn.Module) -> Optional[Callable[[nn.Module, torch.Tensor], torch.Tensor]]:
     """The forward of ``block.impl`` if it applies to the block as it is now (train/eval mode included);
     None for the branch forward."""
-    entry = _REGISTRY[block.impl]
-    if entry is None or entry[0](block) is not None:
+    impl = _REGISTRY[block.impl]
+    if impl is None or impl.unsupported(block) is not None:
         return None
-    return entry[1]
+    return impl.forward
 
 
 def set_exact_impl(model: nn.Module, impl: str) -> Dict[str, str]:
@@ -60,8 +66,8 @@ def set_exact_impl(model: nn.Module, impl: str) -> Dict[str, str]:
     kept: Dict[str, str] = {}
     for name, block in blocks.items():
         block.impl = impl
-        entry = _REGISTRY[impl]
-        reason = entry[0](block) if entry is not None else None
+        chosen = _REGISTRY[impl]
+        reason = chosen.unsupported(block) if chosen is not None else None
         if reason is not None:
             kept[name] = reason
     return kept
