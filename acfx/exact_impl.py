@@ -58,11 +58,11 @@ def set_exact_impl(model: nn.Module, impl: str) -> Dict[str, str]:
     from .block import ACBlock  # local: block imports this module
 
     if impl not in _REGISTRY:
-        raise ValueError(f"impl must be one of {EXACT_IMPLS}, got {impl!r}")
+        raise ValueError(f"acfx.set_exact_impl: impl must be one of {EXACT_IMPLS}, got {impl!r}")
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, ACBlock)}
     if not blocks:
-        raise ValueError(f"{type(model).__name__} has no ACBlock: call acfx.expand(model) first "
-                         "(online-mode models have one conv per site and nothing to choose)")
+        raise ValueError(f"acfx.set_exact_impl: {type(model).__name__} has no ACBlock: call acfx.expand(model) "
+                         "first (online-mode models have one conv per site and nothing to choose)")
     kept: Dict[str, str] = {}
     for name, block in blocks.items():
         block.impl = impl
