@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Dict, Optional
+from typing import Callable, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,7 @@ from .expand import expand
 from .report import Report
 
 __all__ = ["randomize_norms", "relative_error", "RoundTrip", "check_round_trip", "param_count", "Float64Check",
-           "float64_check", "within_rounding"]
+           "float64_check", "within_rounding", "saved_activation_bytes"]
 
 F64_TOLERANCE = 1e-10
 
@@ -49,6 +49,26 @@ def relative_error(actual: torch.Tensor, expected: torch.Tensor) -> float:
 
 def param_count(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
+
+
+def saved_activation_bytes(run: Callable[[], object], exclude: Iterable[torch.Tensor] = ()) -> int:
+    """Bytes of the distinct storages autograd keeps for backward while ``run()`` executes.
+
+    The activation memory of a training forward, the same on any device (unlike a peak-memory reading);
+    storages of ``exclude`` (parameters, the input) are not counted.
+    """
+    excluded = {t.untyped_storage().data_ptr() for t in exclude}
+    storages: Dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in excluded:
+            storages[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        run()
+    return sum(storages.values())
 
 
 @dataclasses.dataclass

@@ -31,6 +31,7 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import acfx  # noqa: E402
+from acfx.diagnostics import saved_activation_bytes  # noqa: E402
 from acfx.zoo import build_model  # noqa: E402
 
 GPU_MODELS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016",
@@ -108,19 +109,10 @@ TRAINED = ("exact", "exact-stacked", "exact-recompute", "online")
 
 def saved_activation_mib(model: nn.Module, x: torch.Tensor, dtype) -> float:
     """MiB of the distinct storages autograd keeps for backward in one training forward."""
-    exclude = {t.untyped_storage().data_ptr() for t in (x, *model.parameters())}
-    storages = {}
-
-    def pack(t):
-        ptr = t.untyped_storage().data_ptr()
-        if ptr not in exclude:
-            storages[ptr] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    def forward():
         with torch.autocast(x.device.type, dtype=dtype, enabled=dtype != torch.float32):
             model(x)
-    return sum(storages.values()) / 2**20
+    return saved_activation_bytes(forward, (x, *model.parameters())) / 2**20
 
 
 def measure(name: str, compile_model: bool, args) -> dict:

@@ -39,6 +39,8 @@ NORMS = {
 @pytest.mark.parametrize("kind", list(NORMS))
 def test_norm_kind_round_trips_and_comes_back(kind):
     model = _model(NORMS[kind]())
+    if kind == "SyncBatchNormAct":
+        assert type(model[1]) is SyncBatchNormAct, type(model[1])
     expanded, report = acfx.expand(model, return_report=True)
     assert len(report.of("expanded")) == 1
     assert isinstance(expanded[1], acfx.NormTail) and expanded[1].norm_type is type(model[1])

@@ -4,7 +4,6 @@ import importlib
 import subprocess
 import sys
 
-import pytest
 import timm
 import torch
 from PIL import Image
