@@ -71,8 +71,8 @@ class _ConvBatchNorm(torch.autograd.Function):
 
 
 def _conv_reason(conv: nn.Module) -> Optional[str]:
-    if not isinstance(conv, (nn.Conv2d, EvenSplitConv2d)):
-        return f"branch conv is {type(conv).__name__}"
+    if type(conv) not in (nn.Conv2d, EvenSplitConv2d):  # a subclass may compute something else
+        return f"branch conv is {type(conv).__name__}, not nn.Conv2d"
     if conv.padding_mode != "zeros":
         return f"branch conv pads by itself with padding_mode={conv.padding_mode!r}"
     return None
