@@ -4,10 +4,11 @@ Autograd's conv→BN keeps the conv's output (the BN's input) for backward, so e
 C_out×H×W tensor: three per block where the original conv→BN held one, which is most of the ACB's extra
 training memory (shared/GPU-BENCH.md: 1.62× base peak memory on resnet34). Here each branch's conv→BN is
 one autograd Function that keeps only what it was given (the block's input, shared by the three branches
-and usually kept by the previous layer anyway, and the weights) and recomputes the conv and the batch
-statistics in backward. The mathematics are those of the branch forward: batch statistics in training,
-running statistics updated once per forward, and the same gradients, for the price of one more conv and BN
-forward per branch in backward. Recomputation runs under the autocast state of the forward.
+and usually kept by the previous layer anyway, and the weights) and the per-channel batch statistics, and
+recomputes the conv output in backward, normalising it with those statistics. The mathematics are
+those of the branch forward: batch statistics in training, running statistics updated once per forward,
+and the same gradients (the same BN and conv backward kernels), for the price of one more conv forward per
+branch in backward. Recomputation runs under the autocast state of the forward.
 
 Only training-mode blocks whose branches all have a plain nn.BatchNorm2d use it; the others keep the branch
 forward (:func:`recompute_unsupported` says why).
@@ -21,6 +22,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .geometry import conv_window
 from .padding import crop
 from .split_conv import EvenSplitConv2d
 
@@ -29,9 +31,24 @@ __all__ = ["recompute_unsupported", "recompute_forward"]
 _NAMES = ("square", "hor", "ver")
 
 
+def _autocast_devices() -> frozenset:
+    """Device types that have autocast, found once: asked inside a compiled region, torch 2.11 breaks the graph."""
+    found = set()
+    for device_type in ("cpu", "cuda", "xpu", "mps", "hpu", "mtia"):
+        try:
+            if torch.amp.is_autocast_available(device_type):
+                found.add(device_type)
+        except (AttributeError, RuntimeError):  # older torch, or a device type this build does not know
+            pass
+    return frozenset(found)
+
+
+_AUTOCAST_DEVICES = _autocast_devices()
+
+
 def _autocast_state(device_type: str) -> tuple:
     """(enabled, dtype) of autocast on this device type; (False, None) where autocast does not exist (meta)."""
-    if not torch.amp.is_autocast_available(device_type):
+    if device_type not in _AUTOCAST_DEVICES:
         return False, None
     return torch.is_autocast_enabled(device_type), torch.get_autocast_dtype(device_type)
 
@@ -41,7 +58,12 @@ def _autocast_as(device_type: str, enabled: bool, dtype) -> contextlib.AbstractC
 
 
 class _ConvBatchNorm(torch.autograd.Function):
-    """conv → training-mode BN that keeps its inputs, not the conv output, and recomputes in backward."""
+    """conv → training-mode BN that keeps its inputs and the batch statistics, not the conv output.
+
+    Backward recomputes the conv output (under the forward's autocast state) and runs the BN and conv
+    backward kernels on it, with the statistics of the forward: the same kernels autograd runs for the
+    branch forward, plus one conv forward.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, conv_bias, bn_weight, bn_bias, conv_args, bn_args):
@@ -49,25 +71,37 @@ class _ConvBatchNorm(torch.autograd.Function):
         running_mean, running_var, factor, eps = bn_args
         with torch.no_grad():
             y = F.conv2d(x, weight, conv_bias, *conv_args)
-            out = F.batch_norm(y, running_mean, running_var, bn_weight, bn_bias, True, factor, eps)
-        ctx.save_for_backward(x, weight, conv_bias, bn_weight, bn_bias)
+            out, mean, invstd = torch.ops.aten.native_batch_norm(y, bn_weight, bn_bias, running_mean, running_var,
+                                                                 True, factor, eps)
+        ctx.save_for_backward(x, weight, conv_bias, bn_weight, mean, invstd)
         ctx.conv_args, ctx.eps = conv_args, eps
         ctx.autocast = (x.device.type, *_autocast_state(x.device.type))
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors
-        device_type, enabled, dtype = ctx.autocast
-        inputs = [t.detach().requires_grad_(need) if t is not None else None
-                  for t, need in zip(saved, ctx.needs_input_grad)]
-        with torch.enable_grad(), _autocast_as(device_type, enabled, dtype):
-            x, weight, conv_bias, bn_weight, bn_bias = inputs
+        x, weight, conv_bias, bn_weight, mean, invstd = ctx.saved_tensors
+        need_x, need_w, need_b, need_gamma, need_beta = ctx.needs_input_grad[:5]
+        with torch.no_grad(), _autocast_as(*ctx.autocast):
             y = F.conv2d(x, weight, conv_bias, *ctx.conv_args)
-            out = F.batch_norm(y, None, None, bn_weight, bn_bias, True, 0.0, ctx.eps)
-        wanted = [t for t in inputs if t is not None and t.requires_grad]
-        grads = iter(torch.autograd.grad(out, wanted, grad_out) if wanted else ())
-        return (*(next(grads) if t is not None and t.requires_grad else None for t in inputs), None, None)
+        grad_y, grad_gamma, grad_beta = torch.ops.aten.native_batch_norm_backward(
+            grad_out.to(y.dtype), y, bn_weight, None, None, mean, invstd, True, ctx.eps,
+            [need_x or need_w or need_b, need_gamma, need_beta])
+        grad_x = grad_w = grad_b = None
+        if need_x or need_w or need_b:
+            stride, padding, dilation, groups = ctx.conv_args
+            bias_sizes = [weight.shape[0]] if conv_bias is not None else None
+            grad_x, grad_w, grad_b = torch.ops.aten.convolution_backward(
+                grad_y, x.to(y.dtype), weight.to(y.dtype), bias_sizes, list(stride), list(padding), list(dilation),
+                False, [0, 0], groups, [need_x, need_w, need_b and conv_bias is not None])
+        grads = (_like(grad_x, x), _like(grad_w, weight), _like(grad_b, conv_bias), _like(grad_gamma, bn_weight),
+                 _like(grad_beta, bn_weight))
+        return (*grads, None, None)
+
+
+def _like(grad: Optional[torch.Tensor], ref: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+    """``grad`` in the dtype of the tensor it is the gradient of (autocast ran the kernels in another)."""
+    return None if grad is None or ref is None else grad.to(ref.dtype)
 
 
 def _conv_reason(conv: nn.Module) -> Optional[str]:
@@ -105,9 +139,20 @@ def _momentum(norm: nn.BatchNorm2d) -> float:
     return (1.0 / float(norm.num_batches_tracked)) if norm.momentum is None else norm.momentum
 
 
+def _numeric_padding(conv: nn.Module, x: torch.Tensor) -> tuple:
+    """(input, padding as two ints) computing what ``conv``'s padding does: an asymmetric 'same' (even
+    kernels) pads the input first, the way F.conv2d does."""
+    if not isinstance(conv.padding, str):
+        return x, tuple(conv.padding)
+    window = conv_window(conv)
+    if window.is_symmetric:
+        return x, (window.top, window.left)
+    return F.pad(x, window.pad_args()), (0, 0)
+
+
 def _branch(conv: nn.Module, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Tensor:
     weight = conv.effective_weight() if isinstance(conv, EvenSplitConv2d) else conv.weight
-    padding = conv.padding if isinstance(conv.padding, str) else tuple(conv.padding)
+    x, padding = _numeric_padding(conv, x)
     conv_args = (tuple(conv.stride), padding, tuple(conv.dilation), conv.groups)
     bn_args = (norm.running_mean, norm.running_var, _momentum(norm), norm.eps)
     return _ConvBatchNorm.apply(x, weight, conv.bias, norm.weight, norm.bias, conv_args, bn_args)
