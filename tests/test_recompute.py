@@ -43,3 +43,11 @@ def test_sync_batchnorm_and_summed_norm_blocks_keep_the_branch_forward():
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(acfx.expand(model))
     assert "SyncBatchNorm" in acfx.set_exact_impl(synced, "recompute")["0"]
     assert "norm='branch'" in acfx.set_exact_impl(acfx.expand(model, norm="sum"), "recompute")["0"]
+
+
+def test_recompute_compiles_without_graph_breaks():
+    """Forward and backward of the Function are plain aten ops, so torch.compile keeps one graph."""
+    torch.manual_seed(0)
+    _, recompute = pair("recompute", nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU()))
+    explained = torch._dynamo.explain(recompute)(torch.randn(2, 4, 9, 9))
+    assert explained.graph_break_count == 0, [str(b.reason)[:200] for b in explained.break_reasons]
