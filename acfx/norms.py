@@ -17,7 +17,8 @@ try:  # timm is optional at import time
 except ImportError:  # pragma: no cover - timm is a dependency, but acfx works on plain torch too
     _NORM_ACT = ()
 
-__all__ = ["is_batch_norm", "unsupported_norm_reason", "branch_norm", "plain_norm", "tail_children"]
+__all__ = ["is_batch_norm", "unsupported_norm_reason", "branch_norm", "plain_norm", "tail_children",
+           "training_momentum"]
 
 _PLAIN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -98,3 +99,12 @@ def tail_children(module: nn.Module) -> Dict[str, nn.Module]:
     """The drop/act modules a timm norm-act layer applies after normalising, in order."""
     children = dict(module.named_children())
     return {name: children[name] for name in ("drop", "act") if name in children}
+
+
+def training_momentum(norm: nn.modules.batchnorm._BatchNorm) -> float:
+    """Count one training batch on ``norm`` and return the momentum factor nn.BatchNorm2d.forward would pass
+    to F.batch_norm for it (1/num_batches_tracked when momentum is None): for forwards that call the
+    functional BN themselves."""
+    with torch.no_grad():
+        norm.num_batches_tracked.add_(1)
+    return (1.0 / float(norm.num_batches_tracked)) if norm.momentum is None else norm.momentum

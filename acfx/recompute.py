@@ -23,6 +23,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .geometry import conv_window
+from .norms import training_momentum
 from .padding import crop
 from .split_conv import EvenSplitConv2d
 
@@ -132,13 +133,6 @@ def recompute_unsupported(block: nn.Module) -> Optional[str]:
     return None
 
 
-def _momentum(norm: nn.BatchNorm2d) -> float:
-    """What nn.BatchNorm2d.forward passes to F.batch_norm in training, with its num_batches_tracked step."""
-    with torch.no_grad():
-        norm.num_batches_tracked.add_(1)
-    return (1.0 / float(norm.num_batches_tracked)) if norm.momentum is None else norm.momentum
-
-
 def _numeric_padding(conv: nn.Module, x: torch.Tensor) -> tuple:
     """(input, padding as two ints) computing what ``conv``'s padding does: an asymmetric 'same' (even
     kernels) pads the input first, the way F.conv2d does."""
@@ -154,7 +148,7 @@ def _branch(conv: nn.Module, norm: nn.BatchNorm2d, x: torch.Tensor) -> torch.Ten
     weight = conv.effective_weight() if isinstance(conv, EvenSplitConv2d) else conv.weight
     x, padding = _numeric_padding(conv, x)
     conv_args = (tuple(conv.stride), padding, tuple(conv.dilation), conv.groups)
-    bn_args = (norm.running_mean, norm.running_var, _momentum(norm), norm.eps)
+    bn_args = (norm.running_mean, norm.running_var, training_momentum(norm), norm.eps)
     return _ConvBatchNorm.apply(x, weight, conv.bias, norm.weight, norm.bias, conv_args, bn_args)
 
 

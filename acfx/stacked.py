@@ -21,6 +21,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .norms import training_momentum
 from .split_conv import EvenSplitConv2d
 
 __all__ = ["stacked_unsupported", "stacked_forward"]
@@ -105,12 +106,7 @@ def stacked_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _batch_norm(y: torch.Tensor, norms: List[nn.BatchNorm2d], groups: int) -> torch.Tensor:
     """The BNs of all branches as one BN over the stacked channels; running statistics written back."""
     first = norms[0]
-    factor = 0.0
-    if first.training:
-        with torch.no_grad():
-            for norm in norms:
-                norm.num_batches_tracked.add_(1)
-        factor = (1.0 / float(first.num_batches_tracked)) if first.momentum is None else first.momentum
+    factor = [training_momentum(norm) for norm in norms][0] if first.training else 0.0
     mean = _by_group([n.running_mean for n in norms], groups)
     var = _by_group([n.running_var for n in norms], groups)
     weight = _by_group([n.weight for n in norms], groups)
