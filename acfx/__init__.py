@@ -12,12 +12,17 @@ from .options import ExpandOptions
 from .padding import DynamicSamePad2d
 from .report import Entry, Report
 from .split_conv import EvenSplitConv2d
+from .unfreeze import unfreeze_batch_norm
 from .exact_impl import set_exact_impl
+from .timm_fx import register_timm_fx_leaves
+
+register_timm_fx_leaves()
 
 __all__ = [
     "expand",
     "collapse",
     "set_exact_impl",
+    "unfreeze_batch_norm",
     "ACBlock",
     "NormTail",
     "OnlineACConv",

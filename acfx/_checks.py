@@ -1,17 +1,64 @@
-"""Argument checks shared by the public passes."""
+"""Argument checks shared by the public passes: clear errors before anything is touched."""
 from __future__ import annotations
 
 import copy
 
 import torch.nn as nn
 
-__all__ = ["check_model", "working_copy"]
+__all__ = ["check_model", "check_flags", "refuse_wrapped", "working_copy"]
 
 
 def check_model(model: object, pass_name: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"acfx.{pass_name} expects a torch.nn.Module, got {type(model).__name__}; "
                         "pass the model itself (not its state_dict or a GraphModule's code)")
+
+
+def check_flags(pass_name: str, **flags: object) -> None:
+    """Boolean arguments must be booleans: ``inplace="no"`` would otherwise count as True."""
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise TypeError(f"acfx.{pass_name}: {name} must be True or False, got {value!r} "
+                            f"({type(value).__name__})")
+
+
+def _wrappers():
+    """(class, name, attribute holding the wrapped module) of the wrappers a pass must not rewrite."""
+    from torch.nn.parallel import DataParallel, DistributedDataParallel
+    found = [(DistributedDataParallel, "DistributedDataParallel", "model.module"),
+             (DataParallel, "DataParallel", "model.module")]
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel
+        found.append((FullyShardedDataParallel, "FullyShardedDataParallel", "model.module"))
+    except ImportError:  # pragma: no cover - torch built without distributed
+        pass
+    try:  # FSDP2's fully_shard swaps the module's class for a subclass of FSDPModule
+        from torch.distributed.fsdp import FSDPModule
+        found.append((FSDPModule, "fully_shard (FSDP2)", "<the module before fully_shard>"))
+    except ImportError:  # pragma: no cover - older torch
+        pass
+    try:
+        from torch._dynamo.eval_frame import OptimizedModule
+        found.append((OptimizedModule, "torch.compile", "model._orig_mod"))
+    except ImportError:  # pragma: no cover
+        pass
+    return found
+
+
+def refuse_wrapped(model: nn.Module, pass_name: str) -> None:
+    """A model wrapped in DDP, FSDP, DataParallel or torch.compile registered its parameters with the
+    wrapper (DDP's reducer, FSDP's flat parameters, compiled graphs): new branches would be invisible to it,
+    and ranks would silently drift apart. The fix is to transform the module inside, then wrap it."""
+    wrappers = _wrappers()
+    for name, module in model.named_modules():
+        for cls, kind, inner in wrappers:
+            if not isinstance(module, cls):
+                continue
+            where = f" (at '{name}')" if name else ""
+            raise TypeError(
+                f"acfx.{pass_name}: the model is wrapped in {kind}{where}, which would not know of the modules "
+                f"acfx swaps in (their parameters would be neither synchronised nor compiled). Call "
+                f"acfx.{pass_name} on the module inside ({inner}) first, then wrap the result.")
 
 
 def working_copy(model: nn.Module, inplace: bool, pass_name: str) -> nn.Module:

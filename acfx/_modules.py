@@ -18,11 +18,15 @@ def hollow_copy(module: nn.Module) -> nn.Module:
     return copy.deepcopy(shallow, memo={id(group): group})
 
 
-def refill_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor]) -> nn.Conv2d:
-    """A conv of ``conv``'s class and configuration holding ``weight`` and ``bias`` (None: no bias)."""
+def refill_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tensor],
+                requires_grad: Optional[bool] = None, training: Optional[bool] = None) -> nn.Conv2d:
+    """A conv of ``conv``'s class and configuration holding ``weight`` and ``bias`` (None: no bias).
+
+    ``requires_grad`` and ``training`` default to ``conv``'s (a template without tensors must pass them).
+    """
     new = hollow_copy(conv)
-    requires_grad = conv.weight.requires_grad
+    requires_grad = conv.weight.requires_grad if requires_grad is None else requires_grad
     new.register_parameter("weight", nn.Parameter(weight, requires_grad))
     new.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad))
-    new.train(conv.training)
+    new.train(conv.training if training is None else training)
     return new

@@ -6,22 +6,22 @@ other tensor is new. Rewriting the model is rewrite.py's job.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.nn as nn
 
 from ._modules import hollow_copy
 from .block import ACBlock, NormTail
-from .geometry import asym_offset, conv_window
-from .layout import BlockLayout, BranchLayout, ConvGeometry, plan_block
-from .online import OnlineACConv
+from .convs import PLAIN, conv_kind
+from .layout import BlockLayout, BranchLayout, ConvGeometry, conv_geometry, plan_block
 from .norms import branch_norm, plain_norm, tail_children
+from .online import OnlineACConv
 from .options import ExpandOptions
 from .padding import DynamicSamePad2d, make_pad
 from .split_conv import EvenSplitConv2d
 
-__all__ = ["BuiltSite", "conv_geometry", "build_site"]
+__all__ = ["BuiltSite", "build_site"]
 
 
 @dataclasses.dataclass
@@ -31,17 +31,6 @@ class BuiltSite:
     block: nn.Module  # ACBlock, or OnlineACConv in online mode
     # What goes into the BN's slot; None when the BN stays where it is (norm="sum") or there is none.
     tail: Optional[nn.Module]
-
-
-def is_dynamic_same(conv: nn.Module) -> bool:
-    """timm's Conv2dSame: padding computed from the input size at run time, its .padding is 0."""
-    return type(conv).__name__ == "Conv2dSame"
-
-
-def conv_geometry(conv: nn.Conv2d) -> ConvGeometry:
-    window = None if is_dynamic_same(conv) else conv_window(conv)
-    return ConvGeometry(tuple(conv.kernel_size), tuple(conv.stride), tuple(conv.dilation), window,
-                        conv.padding_mode)
 
 
 def _pre_pad(layout: BlockLayout, geom: ConvGeometry) -> Optional[nn.Module]:
@@ -55,10 +44,10 @@ def _pre_pad(layout: BlockLayout, geom: ConvGeometry) -> Optional[nn.Module]:
 def _square(conv: nn.Conv2d, layout: BlockLayout) -> nn.Conv2d:
     """The k×k branch: the conv's own weight and bias (shared, not copied).
 
-    Where the conv pads by itself it keeps its whole configuration (padding='same' included), which
-    collapse then gives back as it was; behind a shared padding it becomes a conv with padding 0.
+    Where the conv pads by itself it keeps its whole configuration and class (padding='same' included);
+    behind a shared padding it becomes an nn.Conv2d with padding 0.
     """
-    if layout.pre_pad is None and type(conv) is nn.Conv2d:
+    if layout.pre_pad is None and conv_kind(conv) == PLAIN:
         new = hollow_copy(conv)
     else:
         new = nn.Conv2d(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride, 0,
@@ -73,8 +62,7 @@ def _asym(conv: nn.Conv2d, branch: BranchLayout, zero: bool) -> nn.Module:
     """A new 1×k or k×1 conv, initialised as nn.Conv2d initialises (or zero)."""
     kwargs = dict(device=conv.weight.device, dtype=conv.weight.dtype)
     if branch.split is not None:
-        own = (1, branch.kernel_size[1]) if branch.split == "rows" else (branch.kernel_size[0], 1)
-        new = EvenSplitConv2d(conv.in_channels, conv.out_channels, own, branch.split, conv.stride,
+        new = EvenSplitConv2d(conv.in_channels, conv.out_channels, branch.kernel_size, branch.split, conv.stride,
                               conv.dilation, conv.groups, branch.padding, **kwargs)
     else:
         new = nn.Conv2d(conv.in_channels, conv.out_channels, branch.kernel_size, conv.stride, branch.padding,
@@ -109,30 +97,23 @@ def build_site(conv: nn.Conv2d, norm: Optional[nn.Module], opts: ExpandOptions) 
         return _online(conv, opts)
     geom = conv_geometry(conv)
     layout = plan_block(geom, opts.branches, opts.placement)
-    assert layout.square.crop.is_zero, layout
+    square = layout.branch("square")
+    assert square is not None and square.crop.is_zero, layout
     preserve = opts.init == "preserve"
     per_branch = opts.norm == "branch"
-    square_bn = plain_norm(norm, opts.gamma_init) if (per_branch and norm is not None) else None
-    branches = {}
-    for name, branch in (("hor", layout.hor), ("ver", layout.ver)):
-        if branch is None:
-            branches[name], branches[name + "_bn"] = None, None
-            continue
-        branches[name] = _asym(conv, branch, zero=preserve and not per_branch)
-        bn = None
+    convs: Dict[str, nn.Module] = {"square": _square(conv, layout)}
+    norms: Dict[str, Optional[nn.Module]] = {
+        "square": plain_norm(norm, opts.gamma_init) if (per_branch and norm is not None) else None}
+    for branch in layout.branches[1:]:
+        convs[branch.name] = _asym(conv, branch, zero=preserve and not per_branch)
         if per_branch:
             source = norm if norm is not None else _unnormed_bn(conv)
             gamma = 0.0 if preserve else opts.gamma_init
-            bn = branch_norm(source, gamma, 0.0 if preserve else None)
-        branches[name + "_bn"] = bn
-    kh, kw = geom.kernel_size
-    offsets = {"hor": (asym_offset(kh, opts.placement)[0], 0), "ver": (0, asym_offset(kw, opts.placement)[0])}
-    block = ACBlock(_square(conv, layout), square_bn, pad=_pre_pad(layout, geom),
-                    hor_crop=layout.hor.crop if layout.hor else layout.square.crop,
-                    ver_crop=layout.ver.crop if layout.ver else layout.square.crop, offsets=offsets, **branches)
+            norms[branch.name] = branch_norm(source, gamma, 0.0 if preserve else None)
+    block = ACBlock(layout, convs, norms, pad=_pre_pad(layout, geom), template=hollow_copy(conv))
     block.training = conv.training
     tail = None
     if per_branch and norm is not None:
-        tail = NormTail(norm, tail_children(norm))
+        tail = NormTail(norm, tail_children(norm), block)
         tail.training = norm.training
     return BuiltSite(block, tail)

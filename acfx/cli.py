@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 import ast
 import collections
+import math
 import sys
 from typing import List, Optional
 
@@ -72,9 +73,13 @@ def _print_check(result, show_sites: bool) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .diagnostics import check_round_trip
-    from .zoo import build_model, input_size_for, model_source
+    from .zoo import build_model, input_size_for, is_detection, model_source
 
     source, _ = model_source(args.model)
+    if is_detection(args.model):
+        raise ValueError(f"{args.model} is a detection model: its forward needs targets in train mode and returns "
+                         "detections, so `acfx check` (classification and segmentation models) cannot run it; "
+                         "expand it in Python as the README's 'Detection and segmentation' section shows")
     torch.manual_seed(args.seed)
     probe = build_model(args.model)
     channels, height, width = input_size_for(probe, args.model)
@@ -91,12 +96,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _model_name(args: argparse.Namespace) -> str:
+def _model_name(args: argparse.Namespace, checkpoint) -> str:
     """--model, or the 'arch' a timm train.py checkpoint records (without the acb_ prefix)."""
-    from .checkpoint import checkpoint_info
-    name = args.model or checkpoint_info(args.checkpoint).get("arch")
+    name = args.model or checkpoint.arch
     if not name:
-        raise ValueError("the checkpoint does not record its architecture: pass --model NAME")
+        raise ValueError(f"{args.checkpoint} is a plain state_dict that does not record its architecture (only timm "
+                         "train.py checkpoints do): pass --model NAME")
     return name[len("acb_"):] if name.startswith("acb_") else name
 
 
@@ -113,14 +118,19 @@ def _parse_kwargs(items: List[str]) -> dict:
     return kwargs
 
 
-def _model_kwargs(args: argparse.Namespace) -> dict:
+def _model_kwargs(args: argparse.Namespace, checkpoint) -> dict:
     """--model-kwargs, over the model arguments a train.py checkpoint records (bn_eps, ...)."""
-    from .checkpoint import checkpoint_info
-    recorded = checkpoint_info(args.checkpoint).get("model_kwargs", {})
-    kwargs = {**recorded, **_parse_kwargs(args.model_kwargs)}
+    recorded = checkpoint.model_kwargs
     if recorded:
         print(f"model arguments recorded in the checkpoint: {recorded}")
-    return kwargs
+    return {**recorded, **_parse_kwargs(args.model_kwargs)}
+
+
+def _read(args: argparse.Namespace):
+    """The checkpoint, read once, with its model name and model arguments."""
+    from .checkpoint import read_checkpoint
+    checkpoint = read_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    return checkpoint, _model_name(args, checkpoint), _model_kwargs(args, checkpoint)
 
 
 def _print_conversion(result, verb: str) -> None:
@@ -141,39 +151,42 @@ def _print_conversion(result, verb: str) -> None:
 
 
 def cmd_collapse(args: argparse.Namespace) -> int:
-    from .convert import collapse_checkpoint, default_output
-    name = _model_name(args)
-    output = args.output or default_output(args.checkpoint, "collapsed")
-    result = collapse_checkpoint(args.checkpoint, name, output, use_ema=args.use_ema, num_classes=args.num_classes,
-                                 fold_bn=args.fold_bn, model_kwargs=_model_kwargs(args), tolerance=args.tolerance,
-                                 **_expand_kwargs(args))
+    from .convert import collapse_checkpoint
+    from .outputs import output_path
+    output = output_path(args.checkpoint, args.output, "collapsed", args.force)  # before any work
+    checkpoint, name, kwargs = _read(args)
+    result = collapse_checkpoint(checkpoint, name, output, num_classes=args.num_classes, fold_bn=args.fold_bn,
+                                 model_kwargs=kwargs, tolerance=args.tolerance, **_expand_kwargs(args))
     _print_conversion(result, "collapsed")
     if result.written and not args.fold_bn:
-        extra = "".join(f", {k}={v!r}" for k, v in _model_kwargs(args).items() if k != "bn_momentum")
+        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items() if k != "bn_momentum")
         classes = f", num_classes={result.num_classes}" if result.num_classes is not None else ""
         print(f"load it without acfx: timm.create_model({name!r}{classes}{extra}, checkpoint_path={output!r})")
     return 0 if result.written else 1
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
-    from .convert import default_output, expand_checkpoint
-    name = _model_name(args)
-    output = args.output or default_output(args.checkpoint, "acb")
-    result = expand_checkpoint(args.checkpoint, name, output, use_ema=args.use_ema, num_classes=args.num_classes,
-                               model_kwargs=_model_kwargs(args), tolerance=args.tolerance, **_expand_kwargs(args))
+    from .convert import expand_checkpoint
+    from .outputs import output_path
+    output = output_path(args.checkpoint, args.output, "acb", args.force)
+    checkpoint, name, kwargs = _read(args)
+    result = expand_checkpoint(checkpoint, name, output, num_classes=args.num_classes, model_kwargs=kwargs,
+                               tolerance=args.tolerance, **_expand_kwargs(args))
     _print_conversion(result, "expanded (init='preserve')")
     return 0 if result.written else 1
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from .checkpoint import load_state_dict_strict, read_state_dict
+    from .checkpoint import load_state_dict_strict
     from .convert import build_matching
     from .expand import expand
     from .kernels import format_grid, kernel_magnitude, save_heatmap
+    from .outputs import output_path
 
-    name = _model_name(args)
-    state = read_state_dict(args.checkpoint, use_ema=args.use_ema)
-    model = build_matching(name, state, args.num_classes, **_model_kwargs(args))
+    output = output_path(args.checkpoint, args.output or "kernel_magnitude.png", "kernels", force=True)
+    checkpoint, name, kwargs = _read(args)
+    state = checkpoint.state
+    model = build_matching(name, state, args.num_classes, **kwargs)
     expanded = any(k.endswith((".square.weight", ".hor.weight", ".ver.weight")) for k in state)
     if expanded:
         model = expand(model, inplace=True, **_expand_kwargs(args))
@@ -183,10 +196,20 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     kind = "expanded (ACNet), fused" if expanded else "plain, BN folded"
     print(f"average kernel magnitude, {name} ({kind}), {layers} layers of {matrix.shape[0]}x{matrix.shape[1]}:")
     print(format_grid(matrix))
-    output = args.output or "kernel_magnitude.png"
     save_heatmap(matrix, output, f"{name} ({kind}), {layers} layers")
     print(f"wrote {output}")
     return 0
+
+
+def _tolerance(text: str) -> float:
+    """A --tolerance: a positive, finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
 
 
 def _checkpoint_args(parser: argparse.ArgumentParser, output_help: str) -> None:
@@ -194,6 +217,8 @@ def _checkpoint_args(parser: argparse.ArgumentParser, output_help: str) -> None:
     parser.add_argument("--model", default=None,
                         help="timm model name, or torchvision's with 'tv:' (default: the checkpoint's 'arch')")
     parser.add_argument("-o", "--output", default=None, help=output_help)
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output file (never the input checkpoint unless -o names it)")
     parser.add_argument("--use-ema", action="store_true", help="use the checkpoint's state_dict_ema")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classes of the model (default: read off the checkpoint's classifier)")
@@ -204,7 +229,7 @@ def _checkpoint_args(parser: argparse.ArgumentParser, output_help: str) -> None:
 
 def _conversion_args(parser: argparse.ArgumentParser, output_help: str) -> None:
     _checkpoint_args(parser, output_help)
-    parser.add_argument("--tolerance", type=float, default=1e-5,
+    parser.add_argument("--tolerance", type=_tolerance, default=1e-5,
                         help="max relative error of the converted model vs the source (default: 1e-5); "
                              "over it, the conversion is repeated in float64, and nothing is written "
                              "unless that shows float32 rounding")
@@ -226,7 +251,8 @@ def _parser() -> argparse.ArgumentParser:
                        help="timm model name, or torchvision's with a 'tv:' prefix (default: resnet50)")
     check.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
     check.add_argument("--batch-size", type=int, default=2, help="batch size (default: 2)")
-    check.add_argument("--tolerance", type=float, default=1e-5, help="max relative error (default: 1e-5)")
+    check.add_argument("--tolerance", type=_tolerance, default=1e-5,
+                       help="max relative error, a positive number (default: 1e-5)")
     check.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     check.add_argument("--sites", action="store_true", help="print every site, not a summary")
     _expand_options(check)
@@ -267,7 +293,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, FileNotFoundError) as error:
+    except (ValueError, TypeError, OSError) as error:
         print(f"acfx {args.command}: error: {error}", file=sys.stderr)
         return 2
 

@@ -10,19 +10,26 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
-from typing import Callable, Mapping, Optional
+from typing import Callable, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import load_state_dict_strict, read_state_dict, write_state_dict
+from .checkpoint import Checkpoint, load_state_dict_strict, read_checkpoint, write_state_dict
 from .collapse import collapse
 from .diagnostics import Float64Check, float64_check, relative_error, within_rounding
 from .expand import expand
+from .outputs import default_output
 from .report import Report
 from .zoo import build_model, input_size_for
 
-__all__ = ["Conversion", "collapse_checkpoint", "expand_checkpoint", "build_matching"]
+__all__ = ["Conversion", "collapse_checkpoint", "expand_checkpoint", "build_matching", "default_output"]
+
+CheckpointLike = Union[str, Checkpoint]
+
+
+def _checkpoint(checkpoint: CheckpointLike, use_ema: bool) -> Checkpoint:
+    return checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, use_ema=use_ema)
 
 
 @dataclasses.dataclass
@@ -92,40 +99,34 @@ def _verify_and_write(result: Conversion, source: nn.Module, converted: nn.Modul
     return result
 
 
-def collapse_checkpoint(checkpoint: str, name: str, output: str, *, use_ema: bool = False,
+def collapse_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, use_ema: bool = False,
                         num_classes: Optional[int] = None, fold_bn: bool = False,
                         model_kwargs: Optional[dict] = None, tolerance: float = 1e-5,
                         **expand_kwargs) -> Conversion:
     """Turn a training checkpoint of ``acfx.expand(<name>)`` into a checkpoint of the plain ``name``.
 
     ``model_kwargs`` go to the model builder; they must be those of training where they change what the
-    weights mean (a BN's eps is not stored in the state_dict)."""
-    state = read_state_dict(checkpoint, use_ema=use_ema)
-    plain = build_matching(name, state, num_classes, **(model_kwargs or {}))
+    weights mean (a BN's eps is not stored in the state_dict). ``checkpoint``: a path or a read record."""
+    record = _checkpoint(checkpoint, use_ema)
+    plain = build_matching(name, record.state, num_classes, **(model_kwargs or {}))
     expanded = expand(plain, inplace=True, **expand_kwargs)
-    load_state_dict_strict(expanded, state, checkpoint)
-    collapsed, report = collapse(expanded, fold_bn=fold_bn, return_report=True)
-    result = Conversion(name, checkpoint, output, report, float("nan"), getattr(plain, "num_classes", None),
+    load_state_dict_strict(expanded, record.state, record.path)
+    collapsed, report = collapse(expanded.eval(), fold_bn=fold_bn, return_report=True)
+    result = Conversion(name, record.path, output, report, float("nan"), getattr(plain, "num_classes", None),
                         tolerance)
     return _verify_and_write(result, expanded, collapsed,
                              lambda m: collapse(m, fold_bn=fold_bn, inplace=True))
 
 
-def expand_checkpoint(checkpoint: str, name: str, output: str, *, use_ema: bool = False,
+def expand_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, use_ema: bool = False,
                       num_classes: Optional[int] = None, model_kwargs: Optional[dict] = None,
                       tolerance: float = 1e-5, **expand_kwargs) -> Conversion:
     """Turn a plain checkpoint of ``name`` into one of ``acfx.expand(name, init="preserve")``."""
-    state = read_state_dict(checkpoint, use_ema=use_ema)
-    plain = build_matching(name, state, num_classes, **(model_kwargs or {}))
-    load_state_dict_strict(plain, state, checkpoint)
+    record = _checkpoint(checkpoint, use_ema)
+    plain = build_matching(name, record.state, num_classes, **(model_kwargs or {}))
+    load_state_dict_strict(plain, record.state, record.path)
     expanded, report = expand(plain, init="preserve", return_report=True, **expand_kwargs)
-    result = Conversion(name, checkpoint, output, report, float("nan"), getattr(plain, "num_classes", None),
+    result = Conversion(name, record.path, output, report, float("nan"), getattr(plain, "num_classes", None),
                         tolerance)
     return _verify_and_write(result, plain, expanded,
                              lambda m: expand(m, init="preserve", inplace=True, **expand_kwargs))
-
-
-def default_output(checkpoint: str, suffix: str) -> str:
-    path = Path(checkpoint)
-    stem = path.name.split(".")[0]
-    return str(path.with_name(f"{stem}-{suffix}.pth"))

@@ -89,8 +89,8 @@ def float64_check(source: nn.Module, convert: Callable[[nn.Module], nn.Module], 
     (callers no longer need its float32 weights, and a large model must not be held twice)."""
     source.double()
     with torch.no_grad():
-        truth = source(x.double())
-        error_f64 = relative_error(convert(source)(x.double()), truth)
+        truth = output_tensor(source(x.double()))
+        error_f64 = relative_error(output_tensor(convert(source)(x.double())), truth)
     return Float64Check(error_f64, relative_error(y_source, truth), relative_error(y_converted, truth))
 
 
@@ -165,11 +165,21 @@ def _or_inf(value: Optional[float]) -> float:
     return float("inf") if value is None else value
 
 
+def output_tensor(out: object) -> torch.Tensor:
+    """One tensor of a model's output: itself, or its tensors flattened and joined (a segmentation model's
+    dict, a feature extractor's list)."""
+    if isinstance(out, torch.Tensor):
+        return out
+    values = list(out.values()) if isinstance(out, dict) else list(out) if isinstance(out, (list, tuple)) else None
+    if not values or not all(isinstance(v, torch.Tensor) for v in values):
+        raise TypeError(f"the model returns {type(out).__name__}, not tensors acfx check can compare")
+    return torch.cat([v.flatten(1) for v in values], dim=1)
+
+
 def _train_step(model: nn.Module, x: torch.Tensor) -> bool:
     model.train()
     model.zero_grad(set_to_none=True)
-    out = model(x)
-    out = out if isinstance(out, torch.Tensor) else out[0]
+    out = output_tensor(model(x))
     out.float().logsumexp(-1).mean().backward()
     grads = [p.grad for p in model.parameters() if p.requires_grad and p.grad is not None]
     model.zero_grad(set_to_none=True)
@@ -201,13 +211,13 @@ def _measure(result: RoundTrip, build, x, expand_kwargs) -> None:
     expanded.eval()
     with torch.no_grad():
         for result.gamma_scale in (1.0, 0.5, 0.25):  # random statistics can overflow very deep networks
-            y_expanded = randomize_norms(expanded, gamma=result.gamma_scale)(x)
+            y_expanded = output_tensor(randomize_norms(expanded, gamma=result.gamma_scale)(x))
             if torch.isfinite(y_expanded).all():
                 break
     collapsed, result.collapse_report = collapse(expanded, return_report=True)
     result.params["collapsed"] = param_count(collapsed)
     with torch.no_grad():
-        y_collapsed = collapsed(x)
+        y_collapsed = output_tensor(collapsed(x))
         result.local_error = _local_error(expanded, collapsed, x)
     result.error = relative_error(y_collapsed, y_expanded)
     if result.error > result.tolerance:

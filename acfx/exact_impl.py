@@ -56,7 +56,9 @@ def set_exact_impl(model: nn.Module, impl: str) -> Dict[str, str]:
     ``impl`` or a model without ACBlocks.
     """
     from .block import ACBlock  # local: block imports this module
+    from ._checks import check_model
 
+    check_model(model, "set_exact_impl")
     if impl not in _REGISTRY:
         raise ValueError(f"acfx.set_exact_impl: impl must be one of {EXACT_IMPLS}, got {impl!r}")
     blocks = {name: m for name, m in model.named_modules() if isinstance(m, ACBlock)}

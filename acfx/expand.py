@@ -2,29 +2,28 @@
 from __future__ import annotations
 
 import logging
-from typing import Literal, Optional, Sequence, Tuple, Type, Union, overload
+import warnings
+from typing import Dict, Literal, Optional, Sequence, Tuple, Type, Union, overload
 
 import torch.nn as nn
 
-from ._checks import check_model, working_copy
+from ._checks import check_flags, check_model, refuse_wrapped, working_copy
 from .block import ACBlock, NormTail
 from .build import build_site
+from .cfg_links import point_cfg_at
+from .hooks import carry_hooks
 from .online import OnlineACConv
 from .options import ExpandOptions, FilterFn
+from .policies import expand_verdict
+from .reparam_guard import guard_foreign_reparam
 from .report import Report
 from .rewrite import ModuleSwaps
-from .sites import ConvSite, find_conv_sites
+from .sites import ConvCall, find_conv_calls
 from .tracing import AcfxTracer, shared_module_names, trace_parts
 
 __all__ = ["expand"]
 
 logger = logging.getLogger(__name__)
-
-
-def _describe(site: ConvSite) -> str:
-    kh, kw = site.conv.kernel_size
-    norm = type(site.norm).__name__ if site.norm is not None else "no BN"
-    return f"{type(site.conv).__name__} {kh}x{kw} → {norm}"
 
 
 def _refuse_expanded(model: nn.Module) -> None:
@@ -60,15 +59,18 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
     """Replace every eligible k×k convolution (and the BatchNorm after it) by an ACB for training.
 
     The model is traced with torch.fx (timm's leaf modules and functions included; where the whole model
-    does not trace, its largest parts that do). A conv is eligible when both kernel sides are ≥ 2, it is
-    an nn.Conv2d or timm Conv2dSame called once, and its output goes only to a BatchNorm (nn.BatchNorm2d,
-    nn.SyncBatchNorm, timm BatchNormAct2d/SyncBatchNormAct) that tracks running statistics. The conv's
-    module becomes an :class:`~acfx.ACBlock` and the BN's slot a :class:`~acfx.NormTail` (which still
-    applies a timm norm-act layer's drop and activation). The model keeps its class, methods, attributes,
-    device, dtype, train/eval mode and requires_grad flags.
+    does not trace, its largest parts that do). A conv is eligible when both kernel sides are ≥ 2, acfx
+    knows what it computes (nn.Conv2d's own forward, or timm's Conv2dSame), it is trainable, called once,
+    has no hooks, and its output goes only to a BatchNorm (nn.BatchNorm2d, nn.SyncBatchNorm, timm
+    BatchNormAct2d/SyncBatchNormAct) that tracks running statistics. The conv's module becomes an
+    :class:`~acfx.ACBlock` and the BN's slot a :class:`~acfx.NormTail` (which still applies a timm
+    norm-act layer's drop and activation, and keeps the BN's forward hooks). Every other conv is left
+    alone and reported with the reason. The model keeps its class, methods, attributes, device, dtype,
+    train/eval mode and requires_grad flags.
 
     Args:
-        model: any nn.Module.
+        model: any nn.Module (not one wrapped in DistributedDataParallel, FSDP, DataParallel or
+            torch.compile: expand the module inside, then wrap it).
         init: "scratch": the k×k branch keeps the conv and its BN, the new 1×k/k×1 convs are initialised
             as nn.Conv2d initialises, their BNs at γ=1, β=0. "preserve": the new branch BNs start at
             γ=β=0 (with norm="sum" the new kernels start at 0), so the expanded model computes exactly the
@@ -95,7 +97,8 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
             sets the initial scales.
         return_report: also return a :class:`~acfx.Report` of every conv found: expanded, or skipped and why.
 
-    Expanding an already-expanded model raises ValueError (blocks would nest).
+    Expanding an already-expanded model raises ValueError (blocks would nest). A site skipped because of
+    a hook also raises a warning: the hook's owner may not expect the model to differ there.
 
     Example::
 
@@ -107,8 +110,10 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
         >>> deployable = acfx.collapse(acnet.eval())   # a plain resnet18 again
     """
     check_model(model, "expand")
+    check_flags("expand", inplace=inplace, include_unnormed=include_unnormed, return_report=return_report)
     opts = ExpandOptions(init, branches, norm, mode, placement, gamma_init, include_unnormed, filter_fn,
-                         tuple(leaf_modules))
+                         leaf_modules)
+    refuse_wrapped(model, "expand")
     _refuse_expanded(model)
     target = working_copy(model, inplace, "expand")
     tracer = lambda: AcfxTracer(leaf_types=(ACBlock, NormTail, OnlineACConv) + opts.leaf_modules)  # noqa: E731
@@ -117,35 +122,51 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
     report = Report("expand")
     for part in untraced:
         report.add(part.name, "untraced", "module", f"{part.error}; traced its children instead")
-    replacements = {}
+    replacements: Dict[str, nn.Module] = {}
     for part in parts:
-        for site in find_conv_sites(part, shared, 2, opts.filter_fn, opts.include_unnormed):
-            replacements.update(_rewrite_site(site, opts, report))
+        for call in find_conv_calls(part, shared):
+            replacements.update(_rewrite_site(call, opts, report))
     swaps = ModuleSwaps(target)
     try:
         result = swaps.apply(replacements)
+        guard_foreign_reparam(result, replacements)
+        point_cfg_at(result, replacements, {id(m): ".square" if isinstance(m, ACBlock) else ".conv"
+                                            for m in replacements.values() if isinstance(m, (ACBlock, OnlineACConv))})
     except BaseException:
         swaps.undo()
         raise
+    _warn_hook_skips(report)
     if not replacements:
         logger.info("acfx.expand: nothing expanded in %s", type(model).__name__)
     return (result, report) if return_report else result
 
 
-def _rewrite_site(site: ConvSite, opts: ExpandOptions, report: Report) -> dict:
-    """The replacements for one site (none if it is skipped), recorded in ``report``."""
-    if site.skip:
-        logger.debug("acfx.expand: skipped %s: %s", site.name, site.skip)
-        report.add(site.name, "skipped", _describe(site), site.skip)
+def _rewrite_site(call: ConvCall, opts: ExpandOptions, report: Report) -> Dict[str, nn.Module]:
+    """The replacements for one conv call (none if it is skipped), recorded in ``report``."""
+    verdict = expand_verdict(call, opts.filter_fn, opts.include_unnormed)
+    if verdict.skip:
+        logger.debug("acfx.expand: skipped %s: %s", call.name, verdict.skip)
+        report.add(call.name, "skipped", call.what, verdict.skip)
         return {}
-    built = build_site(site.conv, site.norm, opts)
+    norm = call.norm if verdict.no_norm is None else None
+    built = build_site(call.conv, norm, opts)
     detail, changes = "", False
-    if site.norm is None:
-        changes = site.conv.bias is None and opts.norm == "branch"
-        detail = f"{site.no_norm}: expanded without a BN after the conv" + (
+    if norm is None:
+        changes = call.conv.bias is None and opts.norm == "branch"
+        detail = f"{verdict.no_norm}: expanded without a BN after the conv" + (
             "; collapse adds a conv bias" if changes else "")
-    report.add(site.name, "expanded", _describe(site), detail, changes)
-    replacements = {site.name: built.block}
+    replacements: Dict[str, nn.Module] = {call.name: built.block}
     if built.tail is not None:
-        replacements[site.norm_name] = built.tail
+        carry_hooks(norm, built.tail, forward=True)  # the tail returns what the BN returned
+        replacements[call.norm_name] = built.tail
+    report.add(call.name, "expanded", call.what.replace(" → no BN", "") if norm is None else call.what,
+               detail, changes)
     return replacements
+
+
+def _warn_hook_skips(report: Report) -> None:
+    hooked = [e.name for e in report.skipped if " hook" in e.detail and "remove the hook" in e.detail]
+    if hooked:
+        warnings.warn(f"acfx.expand: {len(hooked)} conv(s) left as they are because of module hooks "
+                      f"({', '.join(hooked[:5])}{', ...' if len(hooked) > 5 else ''}): the hooks would not mean the "
+                      "same on the ACB; see the report (return_report=True)", UserWarning, stacklevel=3)

@@ -7,11 +7,13 @@ from typing import Dict
 import torch.nn as nn
 
 from ._modules import refill_conv
-from .fusion import check_finite, fold_norm, norm_affine
+from .fusion import Term, combine
+from .hooks import carry_hooks
 from .norms import tail_children
+from .policies import fold_verdict
 from .report import Report
 from .rewrite import ModuleSwaps
-from .sites import ConvSite, find_conv_sites
+from .sites import ConvCall, find_conv_calls
 from .tracing import shared_module_names, trace_parts
 
 __all__ = ["fold_norms", "fold_site"]
@@ -25,16 +27,17 @@ def _empty_slot(norm: nn.Module) -> nn.Module:
     return nn.Sequential(collections.OrderedDict(children))
 
 
-def fold_site(site: ConvSite) -> Dict[str, nn.Module]:
-    """The conv with the BN folded in, and what takes the BN's slot."""
-    conv = site.conv
-    check_finite(site.name, "weight", conv.weight)
-    weight = conv.weight.detach().double()
-    bias = None if conv.bias is None else conv.bias.detach().double()
-    weight, bias = fold_norm(weight, bias, *norm_affine(site.norm, site.norm_name))
+def fold_site(call: ConvCall) -> Dict[str, nn.Module]:
+    """The conv with the BN folded in, and what takes the BN's slot (hooks carried where they hold)."""
+    conv = call.conv
+    term = Term(call.name, conv.weight, conv.bias, call.norm, call.norm_name, (0, 0))
+    weight, bias = combine([term], tuple(conv.weight.shape[-2:]))
     dtype = conv.weight.dtype
     folded = refill_conv(conv, weight.to(dtype), bias.to(dtype))
-    return {site.name: folded, site.norm_name: _empty_slot(site.norm)}
+    slot = _empty_slot(call.norm)
+    carry_hooks(conv, folded, forward_pre=True)  # the folded conv reads the same input
+    carry_hooks(call.norm, slot, forward=True)  # the slot returns what the BN returned
+    return {call.name: folded, call.norm_name: slot}
 
 
 def fold_norms(swaps: ModuleSwaps, make_tracer, report: Report) -> nn.Module:
@@ -43,12 +46,13 @@ def fold_norms(swaps: ModuleSwaps, make_tracer, report: Report) -> nn.Module:
     shared = shared_module_names(swaps.root)
     replacements: Dict[str, nn.Module] = {}
     for part in parts:
-        for site in find_conv_sites(part, shared, min_side=1):
-            kh, kw = site.conv.kernel_size
-            if site.skip:
-                if site.norm_follows:
-                    report.add(site.name, "skipped", f"conv {kh}x{kw} → BN (fold_bn)", site.skip)
+        for call in find_conv_calls(part, shared):
+            if call.norm is None and not call.functional_norm:
+                continue  # no BN to fold: not a fold site
+            verdict = fold_verdict(call)
+            if verdict.skip:
+                report.add(call.name, "skipped", f"{call.what} (fold_bn)", verdict.skip)
                 continue
-            replacements.update(fold_site(site))
-            report.add(site.name, "folded", f"conv {kh}x{kw} + {type(site.norm).__name__} → conv with bias")
+            replacements.update(fold_site(call))
+            report.add(call.name, "folded", f"{call.what} → conv with bias")
     return swaps.apply(replacements)

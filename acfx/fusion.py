@@ -5,17 +5,36 @@ error of its own beyond one rounding. Source: Ding et al., ACNet (ICCV 2019), Se
 """
 from __future__ import annotations
 
-from typing import Optional, Tuple
+import dataclasses
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-__all__ = ["norm_affine", "fold_norm", "embed", "check_finite", "identity_norm_params"]
+__all__ = ["Term", "fusion_dtype", "norm_affine", "fold_norm", "embed", "combine", "check_finite",
+           "identity_norm_params"]
 
 
-def _compute_dtype(device: torch.device) -> torch.dtype:
-    return torch.float32 if device.type == "mps" else torch.float64  # MPS has no float64
+def fusion_dtype(device: torch.device) -> torch.dtype:
+    """The dtype fusion computes in: float64, except on devices without it (Apple MPS: float32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+@dataclasses.dataclass
+class Term:
+    """One summed branch as fusion sees it: a conv kernel, its bias, the BN after it, where it sits."""
+
+    # Qualified name of the branch's conv, for error messages.
+    name: str
+    # The kernel the conv convolves with: [C_out, C_in/groups, h, w].
+    weight: torch.Tensor
+    bias: Optional[torch.Tensor]
+    # The BN after the conv (eval semantics), or None; and its name.
+    norm: Optional[nn.Module]
+    norm_name: str
+    # (row, column) of ``weight`` in the fused kernel.
+    offset: Tuple[int, int]
 
 
 def check_finite(name: str, what: str, tensor: Optional[torch.Tensor]) -> None:
@@ -28,7 +47,7 @@ def norm_affine(norm: nn.Module, name: str) -> Tuple[torch.Tensor, torch.Tensor]
     """Per-channel (scale, shift) of a BN in eval mode, in float64: γ/σ and β − μ·γ/σ."""
     for what in ("running_mean", "running_var", "weight", "bias"):
         check_finite(name, what, getattr(norm, what, None))
-    dtype = _compute_dtype(norm.running_var.device)
+    dtype = fusion_dtype(norm.running_var.device)
     var = norm.running_var.to(dtype) + norm.eps
     if bool((var <= 0).any()):
         raise ValueError(f"acfx.collapse: running_var + eps of '{name}' is not positive; the BN statistics are "
@@ -73,3 +92,37 @@ def identity_norm_params(bias: torch.Tensor, eps: float, affine: bool) -> Tuple[
         return params, 1.0
     params["running_mean"] = -bias * sigma
     return params, float(sigma[0]) if len(sigma) else 1.0
+
+
+def combine(terms: Sequence[Term], size: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Σ over ``terms`` of their BN-folded kernels placed at their offsets in a kernel of ``size``, and the
+    summed bias (None when no term has a BN or a bias), in :func:`fusion_dtype`. ACNet Sect. 3.3.
+
+    One pass over the weights: each is converted once, scaled per output channel and added into its
+    window of the fused kernel (no padded copies). Non-finite weights are found in the result, then named.
+    """
+    assert terms, "combine needs at least one term"
+    first = terms[0].weight
+    dtype = fusion_dtype(first.device)
+    kernel = torch.zeros(*first.shape[:2], *size, dtype=dtype, device=first.device)
+    bias: Optional[torch.Tensor] = None
+    for term in terms:
+        weight = term.weight.detach()
+        b = None if term.bias is None else term.bias.detach().to(dtype)
+        h, w = weight.shape[-2:]
+        top, left = term.offset
+        window = kernel[:, :, top:top + h, left:left + w]
+        if term.norm is not None:
+            scale, shift = norm_affine(term.norm, term.norm_name)
+            window.addcmul_(weight, scale.view(-1, 1, 1, 1).to(dtype))
+            b = shift if b is None else shift + scale * b
+        else:
+            window.add_(weight)
+        if b is not None:
+            bias = b if bias is None else bias + b
+    if not bool(torch.isfinite(kernel).all()):
+        for term in terms:  # name the culprit (the slow path runs only on error)
+            check_finite(term.name, "weight", term.weight.detach())
+        check_finite(terms[0].name, "fused kernel", kernel)
+    check_finite(terms[0].name, "fused bias", bias)
+    return kernel, bias

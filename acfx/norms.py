@@ -17,8 +17,8 @@ try:  # timm is optional at import time
 except ImportError:  # pragma: no cover - timm is a dependency, but acfx works on plain torch too
     _NORM_ACT = ()
 
-__all__ = ["is_batch_norm", "unsupported_norm_reason", "branch_norm", "plain_norm", "tail_children",
-           "training_momentum"]
+__all__ = ["is_batch_norm", "unsupported_norm_reason", "foldable_norm", "branch_norm", "plain_norm",
+           "tail_children", "training_momentum"]
 
 _PLAIN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -34,12 +34,23 @@ def unsupported_norm_reason(module: nn.Module) -> Optional[str]:
     if kind not in _PLAIN + _NORM_ACT:
         if "Frozen" in kind.__name__:
             return (f"followed by {kind.__name__}: frozen statistics cannot become per-branch batch "
-                    "statistics; unfreeze it first (timm.layers.unfreeze_batch_norm_2d) to expand it")
+                    "statistics; unfreeze it first (acfx.unfreeze_batch_norm(model)) to expand it")
         return f"norm type {kind.__name__} is not supported (nn.BatchNorm2d, nn.SyncBatchNorm, timm BatchNormAct2d)"
     if not module.track_running_stats or module.running_mean is None:
         return ("BN does not track running statistics: it normalises with batch statistics even in eval, "
                 "so the branches could never be fused")
     return None
+
+
+def foldable_norm(module: nn.Module) -> bool:
+    """A BN whose eval output is an affine map of its input (timm norm-act only with no drop/act)."""
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+        return False
+    if type(module) not in _PLAIN:
+        children = dict(module.named_children())
+        if type(module) not in _NORM_ACT or any(type(c) is not nn.Identity for c in children.values()):
+            return False
+    return module.track_running_stats and module.running_var is not None
 
 
 def _norm_class(module: nn.Module):

@@ -15,7 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .geometry import asym_offset
+from ._modules import refill_conv
+from .cfg_links import restore_cfg
+from .layout import conv_geometry, plan_block
 from .split_conv import even_channel_mask, split_between_lines
 
 __all__ = ["OnlineACConv"]
@@ -39,13 +41,19 @@ class OnlineACConv(nn.Module):
         out, per_group = conv.out_channels, conv.in_channels // conv.groups
         ref = conv.weight
         self.square_scale = nn.Parameter(torch.full((out,), scale, device=ref.device, dtype=ref.dtype))
-        self.rows = asym_offset(kh, placement) if branches in ("both", "hor") else None
-        self.cols = asym_offset(kw, placement) if branches in ("both", "ver") else None
+        plan = plan_block(conv_geometry(conv), branches, placement)
+        hor, ver = plan.branch("hor"), plan.branch("ver")
+        # (first row, rows spanned) of the 1×k kernel; (first column, columns spanned) of the k×1 kernel.
+        self.rows = (hor.offset[0], hor.span[0]) if hor is not None else None
+        self.cols = (ver.offset[1], ver.span[1]) if ver is not None else None
         self.hor_weight = self._new_weight((out, per_group, 1, kw)) if self.rows else None
         self.ver_weight = self._new_weight((out, per_group, kh, 1)) if self.cols else None
         self.hor_scale = self._new_scale(asym_scale) if self.rows else None
         self.ver_scale = self._new_scale(asym_scale) if self.cols else None
         self.register_buffer("even_channels", even_channel_mask(out, ref), persistent=False)
+        # How the kernels add up, saved with the weights: a checkpoint trained with another placement is refused.
+        self.register_buffer("layout", torch.tensor([1, *(self.rows or (-1, 0)), *(self.cols or (-1, 0))],
+                                                    dtype=torch.int64, device=ref.device))
         self.training = conv.training
         for name, param in self.named_parameters():
             if not name.startswith("conv."):  # the new parameters follow the conv's weight; the conv is not touched
@@ -85,6 +93,38 @@ class OnlineACConv(nn.Module):
         if type(self.conv) is nn.Conv2d:
             return self.conv._conv_forward(x, weight, self.conv.bias)
         return functional_call(self.conv, {"weight": weight}, (x,), strict=False)
+
+    def fuse(self) -> nn.Module:
+        """The conv holding the merged kernel: what this module computes, as one plain conv (timm's
+        ``reparameterize_model`` calls this)."""
+        conv = self.fused_conv()
+        restore_cfg(self)
+        return conv
+
+    def fused_conv(self) -> nn.Module:
+        """The conv holding the merged kernel (the model is not touched)."""
+        with torch.no_grad():
+            weight = self.effective_weight().detach().clone()
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("acfx: the merged kernel of an OnlineACConv is not finite (NaN or inf); reload a good "
+                             "checkpoint before collapsing")
+        bias = None if self.conv.bias is None else self.conv.bias.detach().clone()
+        return refill_conv(self.conv, weight, bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "layout"
+        saved = state_dict.get(key)
+        if saved is not None and saved.flatten().tolist() != self.layout.tolist():
+            error_msgs.append(f"{prefix or '<model>.'}layout: the checkpoint's asymmetric kernels sit elsewhere "
+                              f"(rows, cols {saved.flatten().tolist()[1:]} in the checkpoint vs "
+                              f"{self.layout.tolist()[1:]} here): expand with the placement / branches the "
+                              "checkpoint was trained with")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if saved is None and key in missing_keys:  # checkpoints from before the layout was recorded
+            missing_keys.remove(key)
 
     @property
     def bias(self) -> Optional[torch.Tensor]:

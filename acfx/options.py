@@ -2,14 +2,15 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Optional, Sequence, Type
+import math
+import numbers
+from typing import Optional, Sequence, Type
 
 import torch.nn as nn
 
-__all__ = ["ExpandOptions", "FilterFn"]
+from .policies import FilterFn
 
-# filter_fn(conv_module, qualified_name) -> bool: True to expand that conv.
-FilterFn = Callable[[nn.Module, str], bool]
+__all__ = ["ExpandOptions", "FilterFn", "check_leaf_modules"]
 
 _CHOICES = {
     "mode": ("exact", "online"),
@@ -47,6 +48,12 @@ class ExpandOptions:
             if value not in allowed:
                 raise ValueError(f"acfx.expand: {name}={value!r} is not one of {allowed}")
         if self.gamma_init is not None:
+            if isinstance(self.gamma_init, bool) or not isinstance(self.gamma_init, numbers.Real):
+                raise TypeError(f"acfx.expand: gamma_init must be a number (e.g. 1/3), got {self.gamma_init!r} "
+                                f"({type(self.gamma_init).__name__})")
+            if not math.isfinite(float(self.gamma_init)):
+                raise ValueError(f"acfx.expand: gamma_init must be finite, got {self.gamma_init!r}")
+            object.__setattr__(self, "gamma_init", float(self.gamma_init))
             if self.init == "preserve":
                 raise ValueError("acfx.expand: gamma_init changes the BN scales, so the expanded model would not "
                                  "compute the original function; use it with init='scratch' or drop it")
@@ -56,6 +63,19 @@ class ExpandOptions:
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"acfx.expand: filter_fn must be callable (module, name) -> bool, got "
                             f"{type(self.filter_fn).__name__}")
-        for leaf in self.leaf_modules:
-            if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
-                raise TypeError(f"acfx: leaf_modules must hold nn.Module classes, got {leaf!r}")
+        object.__setattr__(self, "leaf_modules", check_leaf_modules(self.leaf_modules))
+
+
+def check_leaf_modules(leaf_modules: object) -> tuple:
+    """``leaf_modules`` as a tuple of nn.Module classes, or a TypeError that says how to write it."""
+    if isinstance(leaf_modules, type) or isinstance(leaf_modules, (str, bytes)):
+        raise TypeError(f"acfx: leaf_modules takes a sequence of nn.Module classes, e.g. leaf_modules=(MyBlock,); "
+                        f"got {leaf_modules!r} itself")
+    try:
+        leaves = tuple(leaf_modules)
+    except TypeError:
+        raise TypeError(f"acfx: leaf_modules takes a sequence of nn.Module classes, got {leaf_modules!r}") from None
+    for leaf in leaves:
+        if not (isinstance(leaf, type) and issubclass(leaf, nn.Module)):
+            raise TypeError(f"acfx: leaf_modules must hold nn.Module classes, got {leaf!r}")
+    return leaves

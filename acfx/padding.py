@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import math
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from .geometry import Window
 
-__all__ = ["DynamicSamePad2d", "make_pad", "crop", "PAD_MODULES"]
+__all__ = ["DynamicSamePad2d", "make_pad", "crop", "crop_sides", "PAD_MODULES"]
 
 # torch.nn padding modules by conv padding_mode; acfx builds these and collapse reads them back.
 PAD_MODULES = {
@@ -55,13 +55,20 @@ def make_pad(window: Window, mode: str) -> nn.Module:
     return PAD_MODULES[mode](window.pad_args())
 
 
-def crop(x: torch.Tensor, window: Window) -> torch.Tensor:
-    """Remove ``window`` rows/columns (non-negative amounts) from the sides of an NCHW tensor.
+def crop_sides(x: torch.Tensor, sides: Tuple[int, int, int, int]) -> torch.Tensor:
+    """Remove (top, bottom, left, right) rows/columns (non-negative amounts) from an NCHW tensor.
 
-    Written as one static slice so that torch.fx records it as a single getitem collapse can read.
+    Written as one static slice so that torch.fx records it as a single getitem collapse can read (and so
+    that TorchScript compiles it).
     """
-    if window.is_zero:
+    top, bottom, left, right = sides
+    if top == 0 and bottom == 0 and left == 0 and right == 0:
         return x
-    bottom = -window.bottom if window.bottom else None
-    right = -window.right if window.right else None
-    return x[:, :, window.top:bottom, window.left:right]
+    stop_h: Optional[int] = -bottom if bottom else None
+    stop_w: Optional[int] = -right if right else None
+    return x[:, :, top:stop_h, left:stop_w]
+
+
+def crop(x: torch.Tensor, window: Window) -> torch.Tensor:
+    """Remove ``window`` rows/columns (non-negative amounts) from the sides of an NCHW tensor."""
+    return crop_sides(x, (window.top, window.bottom, window.left, window.right))

@@ -18,7 +18,7 @@ from .branch_match import BranchSum
 from .geometry import Window
 from .padding import PAD_MODULES, DynamicSamePad2d
 
-__all__ = ["PreOp", "Scope", "locate"]
+__all__ = ["PreOp", "Scope", "ScopeIndex", "pre_op_of"]
 
 _PAD_FUNCTIONS = (F.pad, torch._C._nn.pad) if hasattr(torch._C._nn, "pad") else (F.pad,)
 _MODE_OF = {cls: mode for mode, cls in PAD_MODULES.items()}
@@ -90,26 +90,40 @@ def _common_prefix(stacks: List[List[Tuple[str, str]]]) -> List[Tuple[str, str]]
     return prefix
 
 
-def locate(match: BranchSum, live: Set[fx.Node], modules: Dict[str, nn.Module]) -> Scope:
-    """The module whose whole forward ``match`` is, with the padding it applies first, if any."""
-    prefix = _common_prefix([_stack(n) for n in match.nodes])
-    key, name = prefix[-1] if prefix else (None, "")
-    body = {n for n in live if n.op.startswith("call_") and (key is None or key in dict(_stack(n)))}
-    extra = body - match.nodes
-    pre = None
-    if extra == {match.source}:
-        pre = pre_op_of(match.source, modules)
-        if pre is None:
-            return Scope(None, name, reason=f"the branches' input is computed inside '{name or '<model>'}' "
-                                            f"by {match.source.name}, not a padding acfx can fold")
-    elif extra:
-        return Scope(None, name, reason=f"the branches are summed inline in '{name or '<model>'}'.forward "
-                                        "among other operations; acfx swaps whole modules only")
-    inputs = {a for n in body for a in n.all_input_nodes if a not in body}
-    if len(inputs) != 1:
-        return Scope(None, name, reason=f"'{name or '<model>'}' takes {len(inputs)} inputs, a conv takes one")
-    if key is None:
-        outputs = [n for n in live if n.op == "output"]
-        if [a for o in outputs for a in o.all_input_nodes] != [match.output]:
+class ScopeIndex:
+    """The live call nodes of a traced part, by each module call whose forward ran them: built once, so
+    that locating every match costs the size of its module, not of the model."""
+
+    def __init__(self, live: Set[fx.Node], modules: Dict[str, nn.Module]) -> None:
+        self.live, self.modules = live, modules
+        self.calls = [n for n in live if n.op.startswith("call_")]
+        self.by_key: Dict[str, List[fx.Node]] = {}
+        for node in self.calls:
+            for key in node.meta.get("nn_module_stack", {}):
+                self.by_key.setdefault(key, []).append(node)
+        self.outputs = [a for n in live if n.op == "output" for a in n.all_input_nodes]
+
+    def _identity(self, node: fx.Node) -> bool:
+        return node.op == "call_module" and isinstance(self.modules.get(node.target), nn.Identity)
+
+    def locate(self, match: BranchSum) -> Scope:
+        """The module whose whole forward ``match`` is, with the padding it applies first, if any."""
+        prefix = _common_prefix([_stack(n) for n in match.nodes])
+        key, name = prefix[-1] if prefix else (None, "")
+        body = set(self.calls if key is None else self.by_key.get(key, ()))
+        extra = {n for n in body - match.nodes if not self._identity(n)}  # nn.Identity calls change nothing
+        pre = None
+        if extra == {match.source}:
+            pre = pre_op_of(match.source, self.modules)
+            if pre is None:
+                return Scope(None, name, reason=f"the branches' input is computed inside '{name or '<model>'}' "
+                                                f"by {match.source.name}, not a padding acfx can fold")
+        elif extra:
+            return Scope(None, name, reason=f"the branches are summed inline in '{name or '<model>'}'.forward "
+                                            "among other operations; acfx swaps whole modules only")
+        inputs = {a for n in body for a in n.all_input_nodes if a not in body}
+        if len(inputs) != 1:
+            return Scope(None, name, reason=f"'{name or '<model>'}' takes {len(inputs)} inputs, a conv takes one")
+        if key is None and self.outputs != [match.output]:
             return Scope(None, name, reason="the model returns more than the branch sum")
-    return Scope(name, name, pre)
+        return Scope(name, name, pre)

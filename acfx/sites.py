@@ -1,128 +1,130 @@
-"""Find conv→BN sites in a traced model, and say why each one can or cannot be expanded.
+"""Find every convolution call in a traced model and what takes its output: the facts, no decisions.
 
-Matching only: nothing here changes the model. Each check is an early return with the reason, which
-ends up in the report.
+Matching only: nothing here changes the model, and nothing here decides whether a conv is rewritten.
+Each pass reads these records through its own policy (acfx.policies), the way Inductor's passes pair a
+pattern with an ``extra_check``.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
-from .build import is_dynamic_same
-from .norms import is_batch_norm, unsupported_norm_reason
-from .options import FilterFn
-from .tracing import TracedPart, live_nodes, module_calls
+from .norms import is_batch_norm
+from .tracing import TracedPart, module_calls
 
-__all__ = ["ConvSite", "find_conv_sites", "conv_type_reason"]
+__all__ = ["ConvCall", "find_conv_calls"]
+
+# Convolutions called as functions: reported, never rewritten (acfx swaps modules).
+_FUNCTIONAL_CONVS = {f: f"F.{name}" for name, f in (
+    ("conv1d", F.conv1d), ("conv2d", F.conv2d), ("conv3d", F.conv3d), ("conv_transpose1d", F.conv_transpose1d),
+    ("conv_transpose2d", F.conv_transpose2d), ("conv_transpose3d", F.conv_transpose3d))}
+_FUNCTIONAL_NORMS = (F.batch_norm, torch.batch_norm)
+_CONV_MODULES = (nn.modules.conv._ConvNd,)
 
 
 @dataclasses.dataclass
-class ConvSite:
-    """One Conv2d call found in the graph."""
+class ConvCall:
+    """One convolution call in a traced part and the node that consumes its output."""
 
-    # Qualified name of the conv in the model.
+    # Qualified name of the conv module in the model; for a functional conv, "<module>:<node name>".
     name: str
-    conv: nn.Module
-    # Qualified name and module of the BN that takes the conv's output, when it is the site's BN.
+    # The conv module; None for a functional call.
+    conv: Optional[nn.Module]
+    # Times the conv module is called in the part, and its other names in the model (shared modules).
+    calls: int = 1
+    aliases: Tuple[str, ...] = ()
+    # What takes the conv's output when it is not one BatchNorm-like module call: "returned by the traced
+    # module", "add", "2 nodes", ...; None when a BN-like module is the sole consumer.
+    consumer: Optional[str] = None
+    # The BN-like module that is the sole consumer of the conv's output (supported or not).
     norm_name: Optional[str] = None
     norm: Optional[nn.Module] = None
-    # Why this conv is left alone; None when it is to be rewritten.
-    skip: Optional[str] = None
-    # Why no BN belongs to this site (for convs expanded or folded without one).
-    no_norm: Optional[str] = None
-    # True when the conv's only consumer is a BatchNorm-like module (supported or not).
-    norm_follows: bool = False
+    norm_calls: int = 0
+    norm_aliases: Tuple[str, ...] = ()
+    # Tensor inputs of the BN call (1 for a plain call).
+    norm_inputs: int = 1
+    # The conv's output goes to a functional batch_norm (reported, never rewritten).
+    functional_norm: bool = False
+    # For a functional conv: the function called ("F.conv2d").
+    function: str = ""
 
+    @property
+    def kernel_size(self) -> Tuple[int, ...]:
+        return tuple(getattr(self.conv, "kernel_size", ()))
 
-def conv_type_reason(conv: nn.Module) -> Optional[str]:
-    """Why acfx cannot rewrite this Conv2d (None if it can): only the plain conv and timm's Conv2dSame."""
-    if type(conv) is nn.Conv2d or is_dynamic_same(conv):
-        return None
-    return (f"conv type {type(conv).__name__} is not supported: its forward differs from nn.Conv2d's "
-            "(acfx handles nn.Conv2d and timm's Conv2dSame)")
+    @property
+    def what(self) -> str:
+        """What was found, for reports: "Conv2d 3x3 → BatchNorm2d"."""
+        if self.conv is None:
+            conv = self.function
+        else:
+            conv = f"{type(self.conv).__name__} {'x'.join(map(str, self.kernel_size))}"
+        if self.norm is not None:
+            return f"{conv} → {type(self.norm).__name__}"
+        return f"{conv} → {'F.batch_norm' if self.functional_norm else 'no BN'}"
 
 
 def _op_name(node: fx.Node, modules: Dict[str, nn.Module]) -> str:
     if node.op == "call_module":
         return type(modules[node.target]).__name__
+    if node.op == "output":
+        return "the output"
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _norm_of(node: fx.Node, modules: Dict[str, nn.Module], calls: Dict[str, int],
-             live: set) -> tuple:
-    """(BN node, None) if the conv's output goes to one BN and nowhere else, else (None, reason)."""
-    users = [u for u in node.users if u in live]
+def _consumer(call: ConvCall, node: fx.Node, part: TracedPart, modules: Dict[str, nn.Module], calls: Dict[str, int],
+              shared: Dict[str, list]) -> None:
+    """Fill in what takes the output of the conv ``node``."""
+    users = [u for u in node.users if u in part.live]
     if not users:
-        return None, "conv output is not used inside the traced part"
+        call.consumer = "its output is not used inside the traced part"
+        return
     if len(users) > 1:
-        return None, "conv output is used by several nodes, not only by a BatchNorm"
+        call.consumer = f"its output is used by {len(users)} nodes, not only by a BatchNorm"
+        return
     user = users[0]
+    if user.op == "call_function" and user.target in _FUNCTIONAL_NORMS:
+        call.functional_norm = True
+        call.consumer = "its output goes to a functional batch_norm (acfx rewrites modules only)"
+        return
     if user.op == "output":
-        return None, "conv output is returned by the traced module, no BatchNorm follows in it"
+        call.consumer = "its output is returned by the traced module, no BatchNorm follows in it"
+        return
     if user.op != "call_module" or not is_batch_norm(modules[user.target]):
-        return None, f"no BatchNorm follows (output goes to {_op_name(user, modules)})"
-    norm = modules[user.target]
-    reason = unsupported_norm_reason(norm)
-    if reason:
-        return None, reason
-    if calls[user.target] > 1:
-        return None, f"BatchNorm {user.target} is called {calls[user.target]} times"
-    if len(user.all_input_nodes) != 1:
-        return None, "BatchNorm called with more than one tensor input"
-    return user, None
+        call.consumer = f"no BatchNorm follows (output goes to {_op_name(user, modules)})"
+        return
+    call.norm_name, call.norm = part.qualify(user.target), modules[user.target]
+    call.norm_calls = calls[user.target]
+    call.norm_aliases = tuple(shared.get(call.norm_name, ()))
+    call.norm_inputs = len(user.all_input_nodes)
 
 
-def _conv_reason(node: fx.Node, conv: nn.Module, calls: Dict[str, int], shared: Dict[str, list],
-                 name: str) -> Optional[str]:
-    reason = conv_type_reason(conv)
-    if reason:
-        return reason
-    if calls[node.target] > 1:
-        return f"module called {calls[node.target]} times (one weight shared by several call sites)"
-    if name in shared:
-        return f"module registered under several names {shared[name]}"
-    if isinstance(conv.padding, str) and conv.padding not in ("same", "valid"):
-        return f"padding={conv.padding!r} cannot be resolved"
-    return None
+def _enclosing(node: fx.Node, part: TracedPart) -> str:
+    stack = list(node.meta.get("nn_module_stack", {}).values())
+    return part.qualify(stack[-1][0]) if stack else (part.name or "<model>")
 
 
-def find_conv_sites(part: TracedPart, shared: Dict[str, list], min_side: int = 2,
-                    filter_fn: Optional[FilterFn] = None, unnormed: bool = False) -> List[ConvSite]:
-    """Every Conv2d call in ``part``, each with its BN (if one is the sole consumer) or a skip reason.
+def find_conv_calls(part: TracedPart, shared: Dict[str, list]) -> List[ConvCall]:
+    """Every convolution call in ``part`` (modules of any conv kind, and functional convs), in graph order.
 
-    ``min_side``: kernels with a side below it are skipped (2 for expand, 1 for BN folding).
-    ``unnormed``: convs no (supported) BN follows are kept, with ``no_norm`` saying why.
+    ``shared``: qualified name -> all names, for modules registered under several names.
     """
     modules = dict(part.module.named_modules())
     calls = module_calls(part.graph)
-    live = live_nodes(part.graph)
-    sites = []
+    found = []
     for node in part.graph.nodes:
-        if node.op != "call_module" or not isinstance(modules[node.target], nn.Conv2d):
+        if node.op == "call_module" and isinstance(modules[node.target], _CONV_MODULES):
+            name = part.qualify(node.target)
+            call = ConvCall(name, modules[node.target], calls[node.target], tuple(shared.get(name, ())))
+        elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS and node in part.live:
+            call = ConvCall(f"{_enclosing(node, part)}:{node.name}", None, function=_FUNCTIONAL_CONVS[node.target])
+        else:
             continue
-        conv, name = modules[node.target], part.qualify(node.target)
-        site = ConvSite(name, conv)
-        sites.append(site)
-        users = [u for u in node.users if u in live]
-        site.norm_follows = (len(users) == 1 and users[0].op == "call_module"
-                             and is_batch_norm(modules[users[0].target]))
-        site.skip = _conv_reason(node, conv, calls, shared, name)
-        if site.skip:
-            continue
-        if min(conv.kernel_size) < min_side:
-            site.skip = f"kernel {tuple(conv.kernel_size)} has a side of 1"
-            continue
-        if filter_fn is not None and not filter_fn(conv, name):
-            site.skip = "excluded by filter_fn"
-            continue
-        norm_node, site.no_norm = _norm_of(node, modules, calls, live)
-        if norm_node is not None and part.qualify(norm_node.target) in shared:
-            norm_node, site.no_norm = None, f"BatchNorm registered under several names {shared[part.qualify(norm_node.target)]}"
-        if norm_node is not None:
-            site.norm_name, site.norm = part.qualify(norm_node.target), modules[norm_node.target]
-        elif not unnormed:
-            site.skip, site.no_norm = site.no_norm, None
-    return sites
+        _consumer(call, node, part, modules, calls, shared)
+        found.append(call)
+    return found

@@ -1,11 +1,12 @@
-"""Build timm and torchvision classification models by name, with random weights (no downloads)."""
+"""Build timm and torchvision models by name, with random weights (no downloads)."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Optional
 
 import torch.nn as nn
 
-__all__ = ["build_model", "model_source", "input_size_for"]
+__all__ = ["build_model", "model_source", "input_size_for", "is_detection"]
 
 _TORCHVISION_PREFIXES = ("tv:", "torchvision:")
 # torchvision models whose builders need extra arguments to build without pretrained weights.
@@ -28,15 +29,37 @@ def model_source(name: str) -> tuple:
                      "classification model (prefix it with 'tv:' to force torchvision)")
 
 
+def _torchvision_builder(bare: str) -> Callable:
+    import torchvision
+    try:
+        return torchvision.models.get_model_builder(bare)
+    except ValueError:
+        raise ValueError(f"unknown torchvision model {bare!r} (torchvision.models.list_models())") from None
+
+
+def is_detection(name: str) -> bool:
+    """A torchvision detection model (its forward takes targets in train mode and returns detections)."""
+    source, bare = model_source(name)
+    if source != "torchvision":
+        return False
+    return _torchvision_builder(bare).__module__.startswith("torchvision.models.detection")
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
-    """A timm or torchvision model with random weights; ``kwargs`` go to the builder."""
+    """A timm or torchvision model with random weights; ``kwargs`` go to the builder.
+
+    Nothing is downloaded: torchvision builders get ``weights=None`` and, for detection and segmentation
+    models, ``weights_backbone=None`` (their backbone then has plain BatchNorm2d, not FrozenBatchNorm2d).
+    """
     source, bare = model_source(name)
     if source == "timm":
         import timm
         return timm.create_model(bare, pretrained=False, **kwargs)
-    import torchvision
-    builder: Callable = torchvision.models.get_model_builder(bare)
-    return builder(weights=None, **{**_TV_KWARGS.get(bare, {}), **kwargs})
+    builder = _torchvision_builder(bare)
+    defaults = dict(_TV_KWARGS.get(bare, {}), weights=None)
+    if "weights_backbone" in inspect.signature(builder).parameters:
+        defaults["weights_backbone"] = None
+    return builder(**{**defaults, **kwargs})
 
 
 def input_size_for(model: nn.Module, name: str, default: int = 224) -> tuple:
