@@ -29,7 +29,7 @@ def test_check_torchvision_densenet_with_unnormed_convs(capsys):
 
 
 def test_check_fails_with_exit_code_1_when_tolerance_is_impossible(capsys):
-    assert main(["check", "resnet18", "--img-size", "32", "--tolerance", "0"]) == 1
+    assert main(["check", "resnet18", "--img-size", "32", "--tolerance", "1e-30"]) == 1
     assert "FAILED" in capsys.readouterr().out
 
 
@@ -97,12 +97,12 @@ def test_kernels_prints_the_grid_and_writes_a_heatmap(tmp_path, capsys):
 
 def test_collapse_of_a_wrong_fusion_writes_nothing(tmp_path, capsys, monkeypatch):
     """A conversion that is not exact (here a sabotaged fusion, 1% off) exits 1 and writes no checkpoint."""
-    import acfx.fused as fused
+    import acfx.block as block
     _, plain = _save_plain(tmp_path)
     acb = tmp_path / "acb.pth"
     assert main(["expand", str(plain), "--model", "resnet18", "-o", str(acb)]) == 0
-    real = fused.fused_kernel
-    monkeypatch.setattr(fused, "fused_kernel", lambda *a, **k: (real(*a, **k)[0] * 1.01, real(*a, **k)[1]))
+    real = block.combine
+    monkeypatch.setattr(block, "combine", lambda *a, **k: (real(*a, **k)[0] * 1.01, real(*a, **k)[1]))
     out = tmp_path / "out.pth"
     assert main(["collapse", str(acb), "--model", "resnet18", "-o", str(out)]) == 1
     captured = capsys.readouterr()

@@ -37,14 +37,14 @@ class _Broken(nn.Module):
 
 
 def test_round_trip_catches_a_wrong_fusion(monkeypatch):
-    import acfx.fused as fused
-    real = fused.fused_kernel
+    import acfx.block as block
+    real = block.combine
 
     def off_by_one_percent(*args, **kwargs):
         kernel, bias = real(*args, **kwargs)
         return kernel * 1.01, bias
 
-    monkeypatch.setattr(fused, "fused_kernel", off_by_one_percent)
+    monkeypatch.setattr(block, "combine", off_by_one_percent)
     result = check_round_trip("broken", _Broken, torch.randn(2, 3, 16, 16))
     assert result.failure is None and result.local_error > 1e-3 and not result.exact and not result.ok, result
 

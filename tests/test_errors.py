@@ -130,7 +130,7 @@ def test_failure_while_planning_leaves_the_model_untouched(monkeypatch):
 
     expanded = acfx.expand(model.eval())
     before = _snapshot(expanded)
-    real_fuse, calls[:] = collapse_module.fuse_match, []
+    real_fuse, calls[:] = collapse_module.fuse_pair, []
 
     def broken_fuse(*args, **kwargs):
         calls.append(1)
@@ -138,7 +138,7 @@ def test_failure_while_planning_leaves_the_model_untouched(monkeypatch):
             raise RuntimeError("injected failure")
         return real_fuse(*args, **kwargs)
 
-    monkeypatch.setattr(collapse_module, "fuse_match", broken_fuse)
+    monkeypatch.setattr(collapse_module, "fuse_pair", broken_fuse)
     with pytest.raises(RuntimeError, match="injected"):
         acfx.collapse(expanded, inplace=True)
     assert _unchanged(expanded, before)

@@ -33,9 +33,12 @@ def test_class_methods_and_attributes_survive(resnet):
     expanded = acfx.expand(resnet)
     collapsed = acfx.collapse(randomize_bn(expanded).eval())
     x = torch.randn(2, 3, 64, 64)
+    # The cfg names real parameters: the expanded model's first conv is its k×k branch.
+    assert expanded.pretrained_cfg == {**resnet.pretrained_cfg, "first_conv": "conv1.square"}
+    assert collapsed.pretrained_cfg == resnet.pretrained_cfg
     for model in (expanded, collapsed):
         assert type(model) is type(resnet)
-        assert model.pretrained_cfg == resnet.pretrained_cfg and model.num_classes == 10
+        assert model.num_classes == 10
         assert model.forward_features(x).shape == resnet.forward_features(x).shape
     collapsed.reset_classifier(5)
     expanded.reset_classifier(5)
@@ -48,7 +51,7 @@ def test_inplace_false_never_touches_the_input(resnet):
     acfx.collapse(expanded, fold_bn=True)
     assert _same(resnet, before)
     expanded_before = _signature(expanded)
-    acfx.collapse(expanded)
+    acfx.collapse(expanded.eval())
     assert _same(expanded, expanded_before)
 
 
@@ -80,19 +83,38 @@ def test_dtype_is_kept(dtype):
 def test_modes_and_requires_grad_flags_are_kept():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4),
                           nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)).train()
-    model[1].eval()                    # frozen statistics on the first BN
-    model[0].requires_grad_(False)     # frozen first conv
+    model[1].eval()                    # frozen statistics and affine parameters on the first BN
     model[1].requires_grad_(False)
     expanded = acfx.expand(model)
     first, second = expanded[0], expanded[2]
     assert expanded.training and first.training and second.training
     assert not any(bn.training for bn in (first.square_bn, first.hor_bn, first.ver_bn))
     assert all(bn.training for bn in (second.square_bn, second.hor_bn, second.ver_bn))
-    assert not any(p.requires_grad for p in first.parameters())
+    assert not any(p.requires_grad for bn in (first.square_bn, first.hor_bn, first.ver_bn) for p in bn.parameters())
+    assert all(p.requires_grad for p in (first.square.weight, first.hor.weight, first.ver.weight))
     assert all(p.requires_grad for p in second.parameters())
-    collapsed = acfx.collapse(expanded)
-    assert collapsed.training and not collapsed[1].training and collapsed[3].training
-    assert not collapsed[0].weight.requires_grad and collapsed[2].weight.requires_grad
+    collapsed = acfx.collapse(expanded.eval()).train()
+    collapsed[1].eval()
+    assert not collapsed[1].weight.requires_grad and collapsed[3].weight.requires_grad
+    assert collapsed[0].weight.requires_grad
+
+
+@pytest.mark.parametrize("mode", ["exact", "online"])
+@pytest.mark.parametrize("init", ["scratch", "preserve"])
+def test_frozen_convs_keep_their_function_and_the_report_says_so(mode, init):
+    """A frozen conv would get random branches that can never train: it is left alone, with the reason."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4), nn.ReLU(),
+                                       nn.Conv2d(4, 4, 3, padding=1), nn.BatchNorm2d(4)))
+    model[0].requires_grad_(False)     # a frozen stem, as detectors freeze theirs
+    expanded, report = acfx.expand(model, mode=mode, init=init, return_report=True)
+    (skipped,) = report.skipped
+    assert skipped.name == "0" and "frozen (requires_grad=False)" in skipped.detail, skipped
+    assert [e.name for e in report.of("expanded")] == ["3"]
+    assert type(expanded[0]) is nn.Conv2d and expanded[0].weight is not model[0].weight
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():  # the frozen layer computes what it computed
+        assert torch.equal(expanded[:3].eval()(x), model[:3].eval()(x))
 
 
 def test_expanded_model_can_be_saved_copied_and_reloaded():
@@ -131,8 +153,8 @@ def test_new_modules_are_built_on_the_models_device():
 
 def test_online_mode_leaves_the_wrapped_conv_flags_alone():
     model = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.BatchNorm2d(4))
-    model[0].weight.requires_grad_(False)
+    model[0].bias.requires_grad_(False)
     bias = model[0].bias
     expanded = acfx.expand(model, mode="online", inplace=True)
-    assert expanded[0].conv.bias is bias and bias.requires_grad
-    assert not expanded[0].hor_weight.requires_grad  # new weights follow the conv's weight
+    assert expanded[0].conv.bias is bias and not bias.requires_grad
+    assert expanded[0].hor_weight.requires_grad  # new weights follow the conv's weight
