@@ -46,7 +46,7 @@ def _pairs_on_meta(name: str) -> dict:
     """Count conv→BN pairs (any conv kind, any BN kind) without allocating weights."""
     import torch
     from acfx.collapse import collapse_tracer
-    from acfx.sites import find_conv_sites
+    from acfx.sites import find_conv_calls
     from acfx.tracing import trace_parts
     from acfx.zoo import build_model
 
@@ -57,8 +57,8 @@ def _pairs_on_meta(name: str) -> dict:
         model = build_model(name)
     params = sum(p.numel() for p in model.parameters())
     parts, untraced = trace_parts(model, collapse_tracer())
-    sites = [s for part in parts for s in find_conv_sites(part, {}, min_side=1)]
-    return {"pairs": sum(s.norm_follows for s in sites), "convs": len(sites), "params": params,
+    convs = [c for part in parts for c in find_conv_calls(part, {}) if isinstance(c.conv, torch.nn.Conv2d)]
+    return {"pairs": sum(c.norm is not None for c in convs), "convs": len(convs), "params": params,
             "untraced_parts": len(untraced)}
 
 
