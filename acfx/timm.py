@@ -28,8 +28,9 @@ import timm
 from timm.models import register_model
 from timm.models._registry import _model_default_cfgs
 
-from .expand import expand
-from .exact_impl import set_exact_impl
+from .passes.expand import expand
+from .passes.options import ExpandOptions
+from .passes.set_impl import set_exact_impl
 
 __all__ = ["PREFIX", "register", "registered", "default_cfgs"]
 
@@ -38,7 +39,8 @@ logger = logging.getLogger(__name__)
 
 # Read by timm's register_model: the pretrained cfgs of each acb_ model (those of its base model).
 default_cfgs: Dict[str, object] = {}
-_OPTIONS = ("init", "branches", "norm", "placement", "gamma_init", "include_unnormed", "mode")
+# The acb_<option> keywords: every expand option that is a plain value (ExpandOptions, the one record).
+_OPTIONS = tuple(field.name for field in ExpandOptions.fields(timm=True))
 
 
 def _acb_cfg(base: str):

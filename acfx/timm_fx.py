@@ -15,9 +15,9 @@ def register_timm_fx_leaves() -> None:
         from timm.layers import register_notrace_module
     except ImportError:  # pragma: no cover - timm is a dependency, but acfx works on plain torch too
         return
-    from .block import ACBlock, NormTail
-    from .online import OnlineACConv
-    from .padding import DynamicSamePad2d
-    from .split_conv import EvenSplitConv2d
+    from .layers.block import ACBlock, NormTail
+    from .layers.online import OnlineACConv
+    from .layers.padding import DynamicSamePad2d
+    from .layers.split_conv import EvenSplitConv2d
     for cls in (ACBlock, NormTail, OnlineACConv, DynamicSamePad2d, EvenSplitConv2d):
         register_notrace_module(cls)

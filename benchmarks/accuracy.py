@@ -52,7 +52,7 @@ sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
 import acfx  # noqa: E402
-from acfx.kernels import kernel_magnitude  # noqa: E402  (the one import of it: its path may move)
+from acfx.tools.kernels import kernel_magnitude  # noqa: E402  (the one import of it: its path may move)
 
 import accuracy_int8 as int8  # noqa: E402
 import accuracy_report as report  # noqa: E402

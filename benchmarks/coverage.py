@@ -45,10 +45,10 @@ def _on_alarm(signum, frame):
 def _pairs_on_meta(name: str) -> dict:
     """Count conv→BN pairs (any conv kind, any BN kind) without allocating weights."""
     import torch
-    from acfx.collapse import collapse_tracer
-    from acfx.sites import find_conv_calls
-    from acfx.tracing import trace_parts
-    from acfx.zoo import build_model
+    from acfx.passes.collapse import collapse_tracer
+    from acfx.matching.find_sites import find_conv_calls
+    from acfx.matching.tracing import trace_parts
+    from acfx.tools.zoo import build_model
 
     try:
         with torch.device("meta"):
@@ -63,7 +63,7 @@ def _pairs_on_meta(name: str) -> dict:
 
 
 def _input_size(name: str, img_size: int) -> tuple:
-    from acfx.zoo import build_model, input_size_for
+    from acfx.tools.zoo import build_model, input_size_for
     import torch
     with torch.device("meta"):
         try:
@@ -78,8 +78,8 @@ def _input_size(name: str, img_size: int) -> tuple:
 
 def _run_one(name: str, img_size: int, batch_size: int, include_unnormed: bool) -> dict:
     import torch
-    from acfx.diagnostics import check_round_trip
-    from acfx.zoo import build_model
+    from acfx.tools.diagnostics import check_round_trip
+    from acfx.tools.zoo import build_model
 
     native, fixed = _input_size(name, img_size)
     sizes = [native] if fixed else [(native[0], img_size, img_size), native]

@@ -24,8 +24,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import acfx  # noqa: E402
-from acfx.diagnostics import float64_check, relative_error, within_rounding  # noqa: E402
-from acfx.zoo import build_model  # noqa: E402
+from acfx.tools.diagnostics import float64_check, relative_error, within_rounding  # noqa: E402
+from acfx.tools.zoo import build_model  # noqa: E402
 
 
 def _train(model, steps=3, dtype=None, batch=16, size=64):
@@ -122,7 +122,11 @@ def check_impl(impl: str) -> dict:
             "running": relative_error(stats[1], stats[0])}
 
 
-def main() -> int:
+def main(argv=None) -> int:
+    import argparse
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default=str(HERE / "results" / "gpu_checks.md"), help="the markdown to write")
+    args = parser.parse_args(argv)
     if not torch.cuda.is_available():
         print("no CUDA device: these checks need a GPU (their CPU versions are in the test suite)")
         return 2
@@ -145,8 +149,8 @@ def main() -> int:
              "there means float32 rounding.", "",
              "| check | max|Δ|/max|y| | tolerance | f64 | ok |", "| --- | --- | --- | --- | --- |"]
     lines += [row.markdown() for row in rows]
-    out = HERE / "results" / "gpu_checks.md"
-    out.parent.mkdir(exist_ok=True)
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0 if all(row.ok for row in rows) else 1

@@ -24,8 +24,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import acfx  # noqa: E402
-from acfx.diagnostics import randomize_norms  # noqa: E402
-from acfx.zoo import build_model  # noqa: E402
+from acfx.tools.diagnostics import randomize_norms  # noqa: E402
+from acfx.tools.zoo import build_model  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 

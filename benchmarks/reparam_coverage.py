@@ -25,8 +25,8 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import acfx.timm  # noqa: E402
-from acfx.reparam_check import check_reparameterize, rep_families  # noqa: E402
-from acfx.zoo import input_size_for  # noqa: E402
+from acfx.tools.reparam_check import check_reparameterize, rep_families  # noqa: E402
+from acfx.tools.zoo import input_size_for  # noqa: E402
 
 RESULTS = Path(__file__).resolve().parent / "results"
 
@@ -59,7 +59,7 @@ def _row(family: str, name: str, args) -> dict:
 def _markdown(run: dict) -> str:
     env, rows = run["environment"], run["rows"]
     passed = sum(r["ok"] for r in rows)
-    lines = [f"# timm reparameterize_model on acb_ models of re-parameterisable families\n",
+    lines = ["# timm reparameterize_model on acb_ models of re-parameterisable families\n",
              f"{env['date']}, torch {env['torch']}, timm {env['timm']}, Python {env['python']}, {env['machine']} CPU, "
              f"float32, batch {run['args']['batch_size']}, random BN statistics, eval.\n",
              f"Families found by listing (classes with fuse / reparameterize / switch_to_deploy): "

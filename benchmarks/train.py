@@ -31,8 +31,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 
 import acfx  # noqa: E402
-from acfx.diagnostics import saved_activation_bytes  # noqa: E402
-from acfx.zoo import build_model  # noqa: E402
+from acfx.tools.diagnostics import saved_activation_bytes  # noqa: E402
+from acfx.tools.zoo import build_model  # noqa: E402
 
 GPU_MODELS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016",
               "repvgg_a2"]

@@ -6,7 +6,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from acfx.diagnostics import randomize_norms
+from acfx.tools.diagnostics import randomize_norms
 
 F32_TOL = 1e-5
 F64_TOL = 1e-10

@@ -5,7 +5,7 @@ import torch
 from safetensors.torch import save_file
 
 import acfx
-from acfx.checkpoint import CheckpointMismatch, load_state_dict_strict, read_state_dict, write_state_dict
+from acfx.tools.checkpoint import CheckpointMismatch, load_state_dict_strict, read_state_dict, write_state_dict
 
 
 def _resnet(name="resnet18", classes=10):

@@ -6,7 +6,7 @@ import timm
 import torch
 
 import acfx
-from acfx.cli import main
+from acfx.tools.cli import main
 from helpers import assert_rel_close, randomize_bn
 
 
@@ -97,7 +97,7 @@ def test_kernels_prints_the_grid_and_writes_a_heatmap(tmp_path, capsys):
 
 def test_collapse_of_a_wrong_fusion_writes_nothing(tmp_path, capsys, monkeypatch):
     """A conversion that is not exact (here a sabotaged fusion, 1% off) exits 1 and writes no checkpoint."""
-    import acfx.block as block
+    import acfx.layers.block as block
     _, plain = _save_plain(tmp_path)
     acb = tmp_path / "acb.pth"
     assert main(["expand", str(plain), "--model", "resnet18", "-o", str(acb)]) == 0

@@ -3,7 +3,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from acfx.diagnostics import F64_TOLERANCE, RoundTrip, check_round_trip
+from acfx.tools.diagnostics import F64_TOLERANCE, RoundTrip, check_round_trip
 
 
 def _verdict(**measured) -> bool:
@@ -37,7 +37,7 @@ class _Broken(nn.Module):
 
 
 def test_round_trip_catches_a_wrong_fusion(monkeypatch):
-    import acfx.block as block
+    import acfx.layers.block as block
     real = block.combine
 
     def off_by_one_percent(*args, **kwargs):

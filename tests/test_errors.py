@@ -10,8 +10,8 @@ from timm.layers import StdConv2d
 import acfx
 from helpers import randomize_bn
 
-expand_module = importlib.import_module("acfx.expand")
-collapse_module = importlib.import_module("acfx.collapse")
+expand_module = importlib.import_module("acfx.passes.expand")
+collapse_module = importlib.import_module("acfx.passes.fuse_own")  # where collapse fuses each block
 
 
 def _net():

@@ -5,8 +5,8 @@ import torch.nn as nn
 from timm.layers import Conv2dSame
 
 import acfx
-from acfx.geometry import Window
-from acfx.padding import DynamicSamePad2d
+from acfx.layers.geometry import Window
+from acfx.layers.padding import DynamicSamePad2d
 from helpers import assert_rel_close, randomize_bn
 
 # (kernel, stride, padding, dilation, groups, padding_mode)

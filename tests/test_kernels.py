@@ -3,7 +3,7 @@ import torch
 import torch.nn as nn
 
 import acfx
-from acfx.kernels import kernel_magnitude
+from acfx.tools.kernels import kernel_magnitude
 
 
 def test_matrix_is_the_mean_of_per_layer_normalised_magnitudes():

@@ -150,3 +150,40 @@ def test_filter_fn_chooses_the_convs():
 def test_bad_options_raise_with_the_fix(kwargs, error, text):
     with pytest.raises(error, match=text):
         acfx.expand(TwoLayer(), **kwargs)
+
+
+# -- one record of the options: everything that offers them is derived from it or tested against it ---------
+def test_expand_signature_is_the_options_record():
+    import inspect
+    from acfx.passes.options import ExpandOptions
+    parameters = inspect.signature(acfx.expand).parameters
+    offered = {n: p.default for n, p in parameters.items() if n not in ("model", "inplace", "return_report")}
+    assert set(offered) == {f.name for f in ExpandOptions.fields()}
+    assert all(offered[f.name] == f.default for f in ExpandOptions.fields())
+
+
+def test_readme_table_lists_every_option_with_its_choices():
+    import re
+    from pathlib import Path
+    from acfx.passes.options import ExpandOptions
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    table = readme.split("| option | values (default first) | meaning |")[1].split("\n\n")[0]
+    rows = {}
+    for line in table.strip().splitlines()[1:]:
+        cells = [c.strip() for c in line.strip("|").split("|")]
+        rows[cells[0].strip("`")] = re.findall(r'"([^"]+)"', cells[1])
+    assert set(rows) == {f.name for f in ExpandOptions.fields()}
+    for field in ExpandOptions.fields():
+        choices = list(field.metadata["choices"])
+        if choices:  # the default first (norm's None means "branch" in exact mode)
+            assert sorted(rows[field.name]) == sorted(choices), (field.name, rows[field.name])
+            assert rows[field.name][0] == (field.default or choices[0]), field.name
+
+
+def test_cli_and_timm_offer_the_records_options():
+    import acfx.timm
+    from acfx.passes.options import ExpandOptions
+    from acfx.tools.cli import _parser
+    flags = {a.dest for a in _parser()._subparsers._group_actions[0].choices["collapse"]._actions}
+    assert {f.name for f in ExpandOptions.fields(structural=True)} <= flags
+    assert set(acfx.timm._OPTIONS) == {f.name for f in ExpandOptions.fields(timm=True)}

@@ -5,8 +5,8 @@ import torch
 import torch.nn as nn
 
 import acfx
-from acfx.diagnostics import saved_activation_bytes
-from acfx.recompute import recompute_unsupported
+from acfx.tools.diagnostics import saved_activation_bytes
+from acfx.layers.recompute import recompute_unsupported
 from test_exact_impls import pair
 
 

@@ -13,8 +13,8 @@ from timm.utils.model import reparameterize_model
 
 import acfx
 import acfx.timm
-from acfx.reparam_check import check_reparameterize, rep_block_modules, rep_families
-from acfx.zoo import input_size_for
+from acfx.tools.reparam_check import check_reparameterize, rep_block_modules, rep_families
+from acfx.tools.zoo import input_size_for
 from helpers import assert_rel_close, randomize_bn
 
 # Found by listing: every timm family with a module defining fuse / reparameterize / switch_to_deploy, and

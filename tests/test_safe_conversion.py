@@ -1,6 +1,5 @@
 """Never write wrong weights, never let training drift: recorded block layouts, wrapped models, safe outputs,
 and messages that point to the real cause."""
-import os
 import socket
 
 import pytest
@@ -10,8 +9,8 @@ import torch.distributed as dist
 import torch.nn as nn
 
 import acfx
-from acfx.checkpoint import CheckpointMismatch, load_state_dict_strict
-from acfx.cli import main
+from acfx.tools.checkpoint import CheckpointMismatch, load_state_dict_strict
+from acfx.tools.cli import main
 from helpers import assert_rel_close, randomize_bn
 
 
@@ -157,8 +156,8 @@ def test_unwritable_outputs_exit_2_in_one_line_before_any_work(tmp_path, capsys,
         (tmp_path / "file").write_text("x")
         output = tmp_path / "file" / "out.pth"
     else:  # as a directory without write permission looks (the tests may run as root, who can write anyway)
-        import acfx.outputs
-        monkeypatch.setattr(acfx.outputs.os, "access", lambda path, mode: False)
+        import acfx.tools.outputs
+        monkeypatch.setattr(acfx.tools.outputs.os, "access", lambda path, mode: False)
     assert main(["collapse", str(missing), "--model", "resnet18", "-o", str(output)]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "output" in err and "does not exist" not in err, err

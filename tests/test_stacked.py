@@ -8,7 +8,7 @@ import torch
 import torch.nn as nn
 
 import acfx
-from acfx.stacked import stacked_unsupported
+from acfx.layers.stacked import stacked_unsupported
 from helpers import assert_rel_close, randomize_bn
 from test_exact_impls import pair
 

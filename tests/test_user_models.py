@@ -14,7 +14,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import acfx
-from helpers import assert_rel_close, randomize_bn, rel_err
+from helpers import assert_rel_close, randomize_bn
 
 
 class WSConv2d(nn.Conv2d):

@@ -1,0 +1,1 @@
+"""The nn modules acfx builds and their arithmetic: no torch.fx here."""

@@ -1,0 +1,286 @@
+"""The Asymmetric Convolution Block and the module left in the BatchNorm's slot.
+
+An ACB and its NormTail are a pair built together by expand. In training the block outputs the sum of
+its normalised branches and the tail passes it on (as a new tensor: the BN it replaces never returned its
+input). In eval the block outputs what the single conv it collapses into outputs (the sum without its
+per-channel shift) and the tail adds the shift, so that the tensor in the conv's slot and the one in the
+BN's slot mean the same before and after collapse. Each of the pair can fuse itself from its own children
+(``fuse()``: the conv, and the BN of the original kind holding the shift), which is what timm's
+``reparameterize_model`` calls, and what :func:`acfx.collapse` uses for acfx's own blocks.
+"""
+from __future__ import annotations
+
+from typing import Dict, List, Optional, Tuple
+
+import torch
+import torch.fx._symbolic_trace as _fx_trace
+import torch.nn as nn
+
+from .module_copies import hollow_copy
+from .cfg_links import restore_cfg
+from .forwards import alternative_forward
+from .fusion import Term, combine, fuse_pair
+from .geometry import Window
+from .layout import ASYMMETRIC, BRANCHES, BlockLayout, layout_difference
+from .padding import crop_sides
+from .convs import kernel_of
+
+# True inside fx.symbolic_trace; older torch only has is_fx_tracing, which export sets too.
+_symbolic_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", _fx_trace.is_fx_tracing)
+
+__all__ = ["ACBlock", "NormTail"]
+
+
+def _sides(window: Window) -> Tuple[int, int, int, int]:
+    return (window.top, window.bottom, window.left, window.right)
+
+
+class ACBlock(nn.Module):
+    """k×k, 1×k and k×1 convolutions on one input, each with its own BN (if any), summed.
+
+    Built by :func:`acfx.expand` from a :class:`~acfx.layers.layout.BlockLayout` (where each branch reads and sits
+    in the k×k kernel); :func:`acfx.collapse` fuses it back into one convolution. ``pad`` is the padding
+    the branches share (None when every branch conv pads by itself); ``template`` a copy without tensors
+    of the conv the block replaces, which fusion refills.
+
+    ``impl`` picks how the forward is computed: ``"branches"`` (the reference, as written below),
+    ``"stacked"`` (one conv, one BN, one sum: :mod:`acfx.layers.stacked`) or ``"recompute"`` (the branches, keeping
+    less for backward: :mod:`acfx.layers.recompute`); set it with :func:`acfx.set_exact_impl`. Tracing and
+    TorchScript always see the branches.
+
+    The ``layout`` buffer records how the branch kernels add up (offsets, even-side split, crops, padding):
+    a checkpoint of a block built with other options (placement, branches, norm) is refused on loading.
+    """
+
+    __jit_unused_properties__ = ["_paired", "offsets", "hor_crop", "ver_crop"]
+
+    def __init__(self, layout: BlockLayout, convs: Dict[str, nn.Module], norms: Dict[str, Optional[nn.Module]],
+                 pad: Optional[nn.Module] = None, template: Optional[nn.Module] = None) -> None:
+        super().__init__()
+        self.impl = "branches"
+        self.pad = pad
+        for name in BRANCHES:
+            setattr(self, name, convs.get(name))
+            setattr(self, name + "_bn", norms.get(name))
+        self.plan = layout
+        # The geometry of the conv this block computes, for code that reads it off the module in the slot
+        # (timm's ConvNormAct.in_channels, ...). There is no single ``weight``: see fused() / fuse().
+        square = convs["square"]
+        self.in_channels, self.out_channels = square.in_channels, square.out_channels
+        self.kernel_size: Tuple[int, int] = tuple(layout.kernel_size)
+        self.stride, self.dilation, self.groups = tuple(square.stride), tuple(square.dilation), square.groups
+        no_crop = (0, 0, 0, 0)
+        self.hor_sides = _sides(layout.branch("hor").crop) if layout.branch("hor") else no_crop
+        self.ver_sides = _sides(layout.branch("ver").crop) if layout.branch("ver") else no_crop
+        # Outside the module tree (a tuple): not in state_dict, named_modules or .to().
+        self._template = (template,) if template is not None else ()
+        self._tail: tuple = ()  # the NormTail in the BN's slot, set by NormTail
+        record = layout.record({name: norms.get(name) is not None for name in BRANCHES})
+        device = next((t.device for t in self._tensors()), None)
+        self.register_buffer("layout", torch.tensor(record, dtype=torch.int64, device=device))
+
+    @property
+    def _paired(self) -> bool:
+        return bool(self._tail)
+
+    def tail(self) -> Optional["NormTail"]:
+        """The NormTail in the BN's slot after this block (None: the block's output is its own)."""
+        return self._tail[0] if self._tail else None
+
+    def _tensors(self) -> List[torch.Tensor]:
+        return [t for m in (self.square, self.hor, self.ver) if m is not None for t in m.parameters()]
+
+    # -- geometry, read by fusion and the alternative forwards -------------------------------------------
+    @property
+    def offsets(self) -> Dict[str, Tuple[int, int]]:
+        """(row, column) of each branch's kernel in the k×k kernel."""
+        return self.plan.offsets
+
+    @property
+    def hor_crop(self) -> Window:
+        return self.plan.branch("hor").crop if self.plan.branch("hor") else Window()
+
+    @property
+    def ver_crop(self) -> Window:
+        return self.plan.branch("ver").crop if self.plan.branch("ver") else Window()
+
+    def branch_names(self) -> List[str]:
+        return [name for name in BRANCHES if getattr(self, name) is not None]
+
+    # -- forward ------------------------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            return self._branch_forward(x)
+        return self._eager_forward(x)
+
+    def _branch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.pad is not None:
+            x = self.pad(x)
+        out = self.square(x)
+        if self.square_bn is not None:
+            out = self.square_bn(out)
+        if self.hor is not None:
+            hor = self.hor(crop_sides(x, self.hor_sides))
+            if self.hor_bn is not None:
+                hor = self.hor_bn(hor)
+            out = out + hor
+        if self.ver is not None:
+            ver = self.ver(crop_sides(x, self.ver_sides))
+            if self.ver_bn is not None:
+                ver = self.ver_bn(ver)
+            out = out + ver
+        return out
+
+    @torch.jit.unused
+    def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _symbolic_tracing():
+            return self._branch_forward(x)  # collapse and fx tools see the branches
+        other = alternative_forward(self) if self.impl != "branches" else None
+        out = other(self, x) if other is not None else self._branch_forward(x)
+        if self._paired and not self.training:
+            out = out - self.eval_shift().view(1, -1, 1, 1)  # the NormTail after the block adds it back
+        return out
+
+    # -- fusion -------------------------------------------------------------------------------------------
+    def terms(self, prefix: str = "") -> List[Term]:
+        """The branches as fusion reads them (kernels as convolved, BNs, offsets)."""
+        terms = []
+        for name in self.branch_names():
+            conv, norm = getattr(self, name), getattr(self, name + "_bn")
+            weight = kernel_of(conv)
+            terms.append(Term(f"{prefix}{name}", weight, conv.bias, norm, f"{prefix}{name}_bn",
+                              self.offsets[name]))
+        return terms
+
+    def fused(self, prefix: str = "") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+        """(kernel, bias) of the one conv this block computes in eval, in the fusion dtype (float64)."""
+        with torch.no_grad():
+            return combine(self.terms(prefix), self.kernel_size)
+
+    def eval_shift(self) -> torch.Tensor:
+        """The per-channel shift of the eval output [C_out] (Σ β − (μ − b)·γ/σ over the branches), in the
+        block's dtype. Plain tensor arithmetic, so that export and compile see through it."""
+        shift = torch.zeros_like(self.square.weight[:, 0, 0, 0])
+        for name in self.branch_names():
+            conv, norm = getattr(self, name), getattr(self, name + "_bn")
+            bias = conv.bias
+            if norm is None:
+                if bias is not None:
+                    shift = shift + bias
+                continue
+            scale = torch.rsqrt(norm.running_var + norm.eps)
+            if norm.weight is not None:
+                scale = scale * norm.weight
+            mean = norm.running_mean if bias is None else norm.running_mean - bias
+            shift = shift - mean * scale
+            if norm.bias is not None:
+                shift = shift + norm.bias
+        return shift
+
+    def fuse(self) -> nn.Module:
+        """The conv this block becomes in eval (with :class:`NormTail.fuse` in the BN's slot: the original pair).
+
+        The hook ``timm.utils.reparameterize_model`` calls, so timm's ``--reparam`` collapses acfx models into
+        the original architecture; :func:`acfx.collapse` does the same.
+        """
+        conv, _ = fuse_pair(self)
+        restore_cfg(self)
+        return conv
+
+    def template(self) -> Optional[nn.Module]:
+        return self._template[0] if self._template else None
+
+    # -- checkpoints --------------------------------------------------------------------------------------
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "layout"
+        saved = state_dict.get(key)
+        if saved is not None:
+            problem = layout_difference(saved, self.layout)
+            if problem:
+                error_msgs.append(f"{prefix or '<model>.'}layout: {problem}")
+                return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if saved is None and key in missing_keys:  # checkpoints from before the layout was recorded
+            missing_keys.remove(key)
+
+    def extra_repr(self) -> str:
+        kinds = [name for name in ASYMMETRIC if getattr(self, name) is not None]
+        return f"branches={kinds}, bn_per_branch={self.square_bn is not None or self.hor_bn is not None}"
+
+
+class NormTail(nn.Module):
+    """What stays in a BatchNorm's slot once expand moved its normalisation into the ACB before it.
+
+    For timm's norm-act layers that is the drop and the activation they apply after normalising; for a
+    plain BN nothing else. It returns a new tensor (as the BN did), adds the block's shift in eval (see the
+    module docstring), and remembers the BN's class and configuration (a copy without parameters, outside
+    the module tree) so that collapse can put back a BN of the same kind.
+    """
+
+    __jit_unused_properties__ = ["norm_type"]
+
+    def __init__(self, norm: nn.Module, children: Dict[str, nn.Module], block: Optional[ACBlock] = None) -> None:
+        super().__init__()
+        for name in ("drop", "act"):
+            if name in children:
+                self.add_module(name, children[name])
+            else:
+                setattr(self, name, None)  # TorchScript reads these as constants
+        # Tuples keep the template and the block out of named_modules(), state_dict() and .to().
+        self._norm_template = (hollow_copy(norm),)
+        self._block = (block,) if block is not None else ()
+        if block is not None:
+            block._tail = (self,)
+
+    @property
+    def norm_type(self) -> type:
+        return type(self._norm_template[0])
+
+    def block(self) -> Optional[ACBlock]:
+        return self._block[0] if self._block else None
+
+    def restore(self, params: Dict[str, torch.Tensor], training: bool,
+                requires_grad: bool) -> nn.Module:
+        """A BN of the original kind holding ``params`` (weight, bias, running_mean, running_var,
+        num_batches_tracked), with this tail's drop/act as its children."""
+        norm = hollow_copy(self._norm_template[0])
+        for name in ("weight", "bias"):
+            norm.register_parameter(name, nn.Parameter(params[name], requires_grad)
+                                    if name in params else None)
+        for name in ("running_mean", "running_var", "num_batches_tracked"):
+            norm.register_buffer(name, params[name])
+        for name, child in self.named_children():
+            norm.add_module(name, child)
+        norm.train(training)
+        return norm
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if torch.jit.is_scripting():
+            x = x.clone()
+        else:
+            x = self._take(x)
+        if self.drop is not None:
+            x = self.drop(x)
+        if self.act is not None:
+            x = self.act(x)
+        return x
+
+    @torch.jit.unused
+    def _take(self, x: torch.Tensor) -> torch.Tensor:
+        block = self.block()
+        if block is None or block.training or _symbolic_tracing():
+            return x.clone()
+        return x + block.eval_shift().view(1, -1, 1, 1)
+
+    def fuse(self) -> nn.Module:
+        """The BN of the original kind this slot holds again once its block is fused (its ``fuse()``)."""
+        _, norm = fuse_pair(self.block())
+        if norm is None:
+            raise ValueError("acfx: this NormTail has no block to fuse with (built by an older acfx?); use "
+                             "acfx.collapse on the whole model")
+        return norm
+
+    def extra_repr(self) -> str:
+        return f"was={self.norm_type.__name__}"

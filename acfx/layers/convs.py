@@ -1,0 +1,83 @@
+"""The conv kinds acfx knows the computation of, and why any other conv is left alone.
+
+A re-parameterisation is exact only if acfx knows what the conv computes. That is the case for an
+nn.Conv2d (or a subclass) that runs nn.Conv2d's own ``forward`` and ``_conv_forward`` on plain
+``weight``/``bias`` parameters, and for timm's Conv2dSame (TF-style 'same' padding computed from the
+input size). A subclass that overrides either method (weight standardisation, hand-made padding), a
+parametrized conv, or any other conv-like module is reported with the reason and never rewritten.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn as nn
+from torch.nn.utils import parametrize
+
+from .split_conv import EvenSplitConv2d
+
+try:  # timm is optional at import time
+    from timm.layers import Conv2dSame as _Conv2dSame
+except ImportError:  # pragma: no cover - timm is a dependency, but acfx works on plain torch too
+    _Conv2dSame = None
+
+__all__ = ["PLAIN", "SAME", "conv_kind", "unknown_conv_reason", "is_dynamic_same", "other_conv_reason", "kernel_of"]
+
+PLAIN = "conv2d"  # nn.Conv2d's computation: static padding, any padding mode
+SAME = "conv2d_same"  # timm's Conv2dSame: TF 'same' padding from the input size, then a conv with padding 0
+
+
+def _plain_parameters(module: nn.Module) -> bool:
+    """weight (and bias, if any) are the module's own registered tensors, not computed on access."""
+    if parametrize.is_parametrized(module):
+        return False
+    return "weight" in module._parameters and "bias" in module._parameters
+
+
+def conv_kind(module: nn.Module) -> Optional[str]:
+    """``PLAIN`` or ``SAME`` when acfx knows what ``module`` computes; None otherwise."""
+    if not isinstance(module, nn.Conv2d) or not _plain_parameters(module):
+        return None
+    kind = type(module)
+    if _Conv2dSame is not None and isinstance(module, _Conv2dSame):
+        return SAME if kind.forward is _Conv2dSame.forward else None
+    if kind.forward is nn.Conv2d.forward and kind._conv_forward is nn.Conv2d._conv_forward:
+        return PLAIN
+    return None
+
+
+def is_dynamic_same(module: nn.Module) -> bool:
+    """timm's Conv2dSame (or a subclass computing the same): its padding is computed at run time."""
+    return conv_kind(module) == SAME
+
+
+def unknown_conv_reason(module: nn.Module) -> Optional[str]:
+    """Why acfx cannot rewrite this nn.Conv2d (None: it can)."""
+    if conv_kind(module) is not None:
+        return None
+    name = type(module).__name__
+    if parametrize.is_parametrized(module):
+        return (f"conv {name} is parametrized (torch.nn.utils.parametrize): its weight is computed on access; "
+                "remove the parametrization (parametrize.remove_parametrizations) to expand it")
+    if not _plain_parameters(module):
+        return f"conv {name} does not hold its weight as a registered parameter"
+    overridden = [m for m in ("forward", "_conv_forward") if getattr(type(module), m) is not getattr(nn.Conv2d, m)]
+    return (f"conv type {name} is not supported: it overrides {' and '.join(overridden) or 'its forward'}, so acfx "
+            "does not know what it computes (it handles nn.Conv2d's own forward and timm's Conv2dSame)")
+
+
+_OTHER_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
+
+
+def other_conv_reason(module: nn.Module) -> Optional[str]:
+    """The reason a conv acfx never expands is skipped (Conv1d, Conv3d, transposed convs); None for others."""
+    if isinstance(module, _OTHER_CONVS):
+        return f"{type(module).__name__} is not a 2-d convolution: acfx rewrites nn.Conv2d (and timm's Conv2dSame) only"
+    return None
+
+
+def kernel_of(conv: nn.Module) -> torch.Tensor:
+    """The kernel a conv acfx built or knows convolves with: its weight, or the 2-line kernel of an
+    EvenSplitConv2d ([C_out, C_in/groups, h, w])."""
+    effective = getattr(conv, "effective_weight", None)
+    return effective() if isinstance(conv, EvenSplitConv2d) else conv.weight

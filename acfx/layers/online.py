@@ -1,0 +1,135 @@
+"""Online mode: ACNet's branches re-parameterised at every forward (OREPA, Hu et al., CVPR 2022).
+
+A different training recipe from the paper's: the three branches have no BN of their own but learnable
+per-channel scales, their kernels are merged in weight space at every forward, and the model runs one k×k
+conv per block followed by the conv's original BN. Training then costs about what the original model
+costs. Collapsing is exact too: the merged kernel is the conv's weight.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import functional_call
+
+from .module_copies import refill_conv
+from .cfg_links import restore_cfg
+from .layout import conv_geometry, plan_block
+from .split_conv import even_channel_mask, split_between_lines
+
+__all__ = ["OnlineACConv"]
+
+
+class OnlineACConv(nn.Module):
+    """One conv whose k×k kernel is α_sq·W_sq + α_hor·W_1×k + α_ver·W_k×1, merged at every forward.
+
+    ``conv`` is the original conv (its weight is W_sq; its class and configuration, padding modes and timm's
+    Conv2dSame included, define how the merged kernel is applied). The α are per output channel.
+
+    Protocol: :func:`acfx.collapse` replaces any leaf module with ``effective_weight()`` and a ``conv``
+    attribute by that conv holding the effective weight.
+    """
+
+    def __init__(self, conv: nn.Conv2d, branches: str = "both", placement: str = "centre",
+                 scale: float = 1.0, asym_scale: float = 1.0) -> None:
+        super().__init__()
+        self.conv = conv
+        kh, kw = conv.kernel_size
+        out, per_group = conv.out_channels, conv.in_channels // conv.groups
+        ref = conv.weight
+        self.square_scale = nn.Parameter(torch.full((out,), scale, device=ref.device, dtype=ref.dtype))
+        plan = plan_block(conv_geometry(conv), branches, placement)
+        hor, ver = plan.branch("hor"), plan.branch("ver")
+        # (first row, rows spanned) of the 1×k kernel; (first column, columns spanned) of the k×1 kernel.
+        self.rows = (hor.offset[0], hor.span[0]) if hor is not None else None
+        self.cols = (ver.offset[1], ver.span[1]) if ver is not None else None
+        self.hor_weight = self._new_weight((out, per_group, 1, kw)) if self.rows else None
+        self.ver_weight = self._new_weight((out, per_group, kh, 1)) if self.cols else None
+        self.hor_scale = self._new_scale(asym_scale) if self.rows else None
+        self.ver_scale = self._new_scale(asym_scale) if self.cols else None
+        self.register_buffer("even_channels", even_channel_mask(out, ref), persistent=False)
+        # How the kernels add up, saved with the weights: a checkpoint trained with another placement is refused.
+        self.register_buffer("layout", torch.tensor([1, *(self.rows or (-1, 0)), *(self.cols or (-1, 0))],
+                                                    dtype=torch.int64, device=ref.device))
+        self.training = conv.training
+        for name, param in self.named_parameters():
+            if not name.startswith("conv."):  # the new parameters follow the conv's weight; the conv is not touched
+                param.requires_grad_(ref.requires_grad)
+
+    def _new_weight(self, shape) -> nn.Parameter:
+        ref = self.conv.weight
+        weight = torch.empty(shape, device=ref.device, dtype=ref.dtype)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Conv2d's default
+        return nn.Parameter(weight)
+
+    def _new_scale(self, value: float) -> nn.Parameter:
+        ref = self.conv.weight
+        return nn.Parameter(torch.full((self.conv.out_channels,), value, device=ref.device, dtype=ref.dtype))
+
+    def _asym(self, weight: torch.Tensor, scale: torch.Tensor, line: Tuple[int, int], axis: str) -> torch.Tensor:
+        first, span = line
+        weight = weight * scale.view(-1, 1, 1, 1)
+        if span == 2:
+            weight = split_between_lines(weight, axis, self.even_channels.to(weight.dtype))
+        kh, kw = self.conv.kernel_size
+        h, w = weight.shape[-2:]
+        top, left = (first, 0) if axis == "rows" else (0, first)
+        return F.pad(weight, (left, kw - w - left, top, kh - h - top))
+
+    def effective_weight(self) -> torch.Tensor:
+        """The merged k×k kernel: [C_out, C_in/groups, kh, kw]."""
+        weight = self.conv.weight * self.square_scale.view(-1, 1, 1, 1)
+        if self.hor_weight is not None:
+            weight = weight + self._asym(self.hor_weight, self.hor_scale, self.rows, "rows")
+        if self.ver_weight is not None:
+            weight = weight + self._asym(self.ver_weight, self.ver_scale, self.cols, "cols")
+        return weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        weight = self.effective_weight()
+        if type(self.conv) is nn.Conv2d:
+            return self.conv._conv_forward(x, weight, self.conv.bias)
+        return functional_call(self.conv, {"weight": weight}, (x,), strict=False)
+
+    def fuse(self) -> nn.Module:
+        """The conv holding the merged kernel: what this module computes, as one plain conv (timm's
+        ``reparameterize_model`` calls this)."""
+        conv = self.fused_conv()
+        restore_cfg(self)
+        return conv
+
+    def fused_conv(self) -> nn.Module:
+        """The conv holding the merged kernel (the model is not touched)."""
+        with torch.no_grad():
+            weight = self.effective_weight().detach().clone()
+        if not bool(torch.isfinite(weight).all()):
+            raise ValueError("acfx: the merged kernel of an OnlineACConv is not finite (NaN or inf); reload a good "
+                             "checkpoint before collapsing")
+        bias = None if self.conv.bias is None else self.conv.bias.detach().clone()
+        return refill_conv(self.conv, weight, bias)
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs) -> None:
+        key = prefix + "layout"
+        saved = state_dict.get(key)
+        if saved is not None and saved.flatten().tolist() != self.layout.tolist():
+            error_msgs.append(f"{prefix or '<model>.'}layout: the checkpoint's asymmetric kernels sit elsewhere "
+                              f"(rows, cols {saved.flatten().tolist()[1:]} in the checkpoint vs "
+                              f"{self.layout.tolist()[1:]} here): expand with the placement / branches the "
+                              "checkpoint was trained with")
+            return
+        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                                      error_msgs)
+        if saved is None and key in missing_keys:  # checkpoints from before the layout was recorded
+            missing_keys.remove(key)
+
+    @property
+    def bias(self) -> Optional[torch.Tensor]:
+        return self.conv.bias
+
+    def extra_repr(self) -> str:
+        kinds = [n for n, w in (("hor", self.hor_weight), ("ver", self.ver_weight)) if w is not None]
+        return f"online re-parameterisation, branches={kinds}"

@@ -1,0 +1,177 @@
+"""acfx.collapse: fuse every block of summed conv(→BN) branches back into one convolution."""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import warnings
+from typing import Dict, List, Literal, Sequence, Set, Tuple, Type, Union, overload
+
+import torch.nn as nn
+
+from ..layers.block import ACBlock, NormTail
+from ..layers.cfg_links import restore_cfg
+from ..layers.hooks import warn_hook_skips
+from ..layers.online import OnlineACConv
+from ..layers.padding import DynamicSamePad2d
+from ..layers.split_conv import EvenSplitConv2d
+from ..matching.tracing import AcfxTracer, trace_parts
+from .arguments import check_flags, check_model, refuse_wrapped, working_copy
+from .collapse_matches import collapse_matches
+from .fold_bn import fold_norms
+from .fuse_own import fuse_own
+from .options import check_leaf_modules
+from .reparam_guard import remove_guards
+from .report import Report
+from .swap_modules import ModuleSwaps
+
+__all__ = ["collapse", "collapse_tracer"]
+
+logger = logging.getLogger(__name__)
+
+
+def collapse_tracer(leaf_modules: Sequence[Type[nn.Module]] = ()):
+    """A tracer factory that traces through ACBlocks (and any block) down to convs and BNs."""
+    leaves = (NormTail, DynamicSamePad2d, EvenSplitConv2d, OnlineACConv) + tuple(leaf_modules)
+    return lambda: AcfxTracer(leaf_types=leaves, opaque_types=(ACBlock,))
+
+
+@overload
+def collapse(model: nn.Module, *, fold_bn: bool = ..., inplace: bool = ...,
+             leaf_modules: Sequence[Type[nn.Module]] = ..., return_report: Literal[False] = ...) -> nn.Module: ...
+
+
+@overload
+def collapse(model: nn.Module, *, fold_bn: bool = ..., inplace: bool = ...,
+             leaf_modules: Sequence[Type[nn.Module]] = ..., return_report: Literal[True]
+             ) -> Tuple[nn.Module, Report]: ...
+
+
+def collapse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False,
+             leaf_modules: Sequence[Type[nn.Module]] = (), return_report: bool = False
+             ) -> Union[nn.Module, Tuple[nn.Module, Report]]:
+    """Fuse every block of parallel conv(→BN) branches summed on one input into a single convolution.
+
+    A graph pass: the model is traced with torch.fx and blocks are found by pattern (branches that read
+    the same input, through optional crops and nn.Identity calls, and whose kernels fit in one sliding
+    window), so it fuses acfx's :class:`~acfx.ACBlock` and hand-written ACNet-style blocks alike. The
+    result is what the blocks compute in eval mode (BN running statistics), exactly up to float rounding.
+
+    What each block becomes:
+
+    * An ACBlock from :func:`acfx.expand` becomes the original conv again (fused from its own recorded
+      layout, which the graph's pattern must agree with), and the BN slot after it a BN of the original
+      kind (BatchNorm2d, BatchNormAct2d with its activation, ...) holding the fused shift, so
+      ``collapse(expand(m)).state_dict()`` loads with ``strict=True`` into a fresh ``m``.
+    * Any other block that is a whole module (its forward is the branches, their sum, and at most one
+      padding op on its input) is replaced by one nn.Conv2d (timm Conv2dSame for TF-'same' padding)
+      with a bias; the report marks it as a change of structure.
+    * Every other sum of conv branches on one input (written inline in a larger forward, adding other
+      terms, branches that do not line up) is left as it is and reported with the reason: acfx swaps whole
+      modules and never hands back a GraphModule.
+
+    Forward hooks and pre-hooks on a replaced block (or NormTail) are carried to the module replacing it;
+    a block whose inner modules hold hooks is left alone, with a warning.
+
+    Args:
+        model: the expanded (or any) model, with real weights and BN statistics (not on the meta device).
+            Its train/eval mode is kept; fusion always uses running statistics, which must be finite. A
+            model left in train mode gets a warning: the BNs put back in the slots hold the fused shift as
+            running statistics, which train mode ignores.
+        fold_bn: also fold every conv→BN pair in the model (fused or not) into a conv with bias and remove
+            the BN (a timm norm-act layer keeps its drop and activation): the deploy form.
+        inplace: rewrite ``model`` itself instead of a deep copy. On error the model is left as it was.
+        leaf_modules: extra module classes the tracer must not trace into.
+        return_report: also return a :class:`~acfx.Report` of every block found and what became of it.
+
+    Raises ValueError naming the module when BN statistics or weights are not finite.
+
+    Example::
+
+        >>> acnet = acfx.expand(timm.create_model("resnet18"))
+        >>> ...  # train
+        >>> plain = acfx.collapse(acnet.eval())
+        >>> timm.create_model("resnet18").load_state_dict(plain.state_dict())  # strict
+    """
+    check_model(model, "collapse")
+    check_flags("collapse", fold_bn=fold_bn, inplace=inplace, return_report=return_report)
+    leaves = check_leaf_modules(leaf_modules)
+    refuse_wrapped(model, "collapse")
+    _refuse_meta(model)
+    target = working_copy(model, inplace, "collapse")
+    state = _State(Report("collapse"))
+    swaps = ModuleSwaps(target)
+    try:
+        result = _collapse_blocks(swaps, leaves, state)
+        if fold_bn:
+            result = fold_norms(swaps, collapse_tracer(leaves), state.report, state.hooked)
+            state.restored_training.clear()  # the restored BNs are folded away
+    except BaseException:
+        swaps.undo()
+        raise
+    for module in state.fused:
+        restore_cfg(module)
+    if not any(isinstance(m, (ACBlock, NormTail, OnlineACConv)) for m in result.modules()):
+        remove_guards(result)
+    _warn_train_mode(state.restored_training)
+    warn_hook_skips("collapse", state.hooked)
+    logger.info("%s", state.report.summary())
+    return (result, state.report) if return_report else result
+
+
+@dataclasses.dataclass
+class _State:
+    """What one collapse records as it goes, for the report and for what it does once the swap is done."""
+
+    report: Report
+    # Sites left as they are because of hooks (one warning).
+    hooked: List[str] = dataclasses.field(default_factory=list)
+    # Blocks whose restored BN is in train mode (one warning).
+    restored_training: List[str] = dataclasses.field(default_factory=list)
+    # acfx modules fused (their timm cfg links are pointed back once swapped).
+    fused: List[nn.Module] = dataclasses.field(default_factory=list)
+
+
+def _refuse_meta(model: nn.Module) -> None:
+    tensors = list(model.parameters()) + list(model.buffers())
+    if any(t.device.type == "meta" for t in tensors):
+        raise ValueError("acfx.collapse: the model is on the meta device, without weights or BN statistics; "
+                         "collapse computes the fused kernels from them: materialise the model and load its "
+                         "trained weights first (model.to_empty(device=...); model.load_state_dict(...))")
+
+
+def _warn_train_mode(restored_training: Sequence[str]) -> None:
+    if restored_training:
+        names = ", ".join(restored_training[:3]) + (", ..." if len(restored_training) > 3 else "")
+        warnings.warn(
+            f"acfx.collapse: the model is in train mode; the BatchNorms put back after {len(restored_training)} "
+            f"fused block(s) ({names}) hold the fused shift as running statistics, which a BatchNorm in train "
+            "mode ignores (it normalises with batch statistics), so in train mode the collapsed model computes "
+            "another function. Call .eval() on the model before collapsing it (acfx.collapse(model.eval())) "
+            "and deploy it in eval mode.", UserWarning, stacklevel=3)
+
+
+def _collapse_blocks(swaps: ModuleSwaps, leaves: Tuple[type, ...], state: _State) -> nn.Module:
+    """Fuse every block: hand-written ones from the graph, acfx's own from themselves; all or nothing."""
+    root = swaps.root
+    parts, untraced = trace_parts(root, collapse_tracer(leaves))
+    for part in untraced:
+        state.report.add(part.name, "untraced", "module", f"{part.error}; traced its children instead")
+    replacements: Dict[str, nn.Module] = {}
+    checked: Set[str] = set()
+    for part in parts:
+        replacements.update(collapse_matches(part, state.report, checked, state.hooked))
+    for own in fuse_own(root):
+        if own.skip:
+            state.hooked.append(own.name)
+            state.report.add(own.name, "skipped", own.what, own.skip)
+            continue
+        replacements.update(own.replacements)
+        state.fused.append(own.module)
+        if own.restored_training:
+            state.restored_training.append(own.name)
+        notes = [] if own.name in checked or isinstance(own.module, OnlineACConv) else \
+            ["not in a traced part of the model: fused from its recorded layout"]
+        if own.gained_bias:
+            notes.append("the conv gained a bias (no BN slot after the block to hold the shift)")
+        state.report.add(own.name, "collapsed", own.what, "; ".join(notes), own.gained_bias)
+    return swaps.apply(replacements)

@@ -1,0 +1,61 @@
+"""BN folding for deployment: every conv→BN pair becomes one conv with a bias, the BN slot is emptied."""
+from __future__ import annotations
+
+import collections
+from typing import Dict, List
+
+import torch.nn as nn
+
+from ..layers.module_copies import refill_conv
+from ..layers.fusion import Term, combine
+from ..layers.hooks import carry_hooks
+from ..layers.norms import tail_children
+from .policies import fold_verdict
+from .report import Report
+from .swap_modules import ModuleSwaps
+from ..matching.find_sites import ConvCall, find_conv_calls
+from ..matching.tracing import shared_module_names, trace_parts
+
+__all__ = ["fold_norms", "fold_site"]
+
+
+def _empty_slot(norm: nn.Module) -> nn.Module:
+    """What replaces a folded BN: nothing, or the drop and activation of a timm norm-act layer."""
+    children = tail_children(norm)
+    if not children:
+        return nn.Identity()
+    return nn.Sequential(collections.OrderedDict(children))
+
+
+def fold_site(call: ConvCall) -> Dict[str, nn.Module]:
+    """The conv with the BN folded in, and what takes the BN's slot (hooks carried where they hold)."""
+    conv = call.conv
+    term = Term(call.name, conv.weight, conv.bias, call.norm, call.norm_name, (0, 0))
+    weight, bias = combine([term], tuple(conv.weight.shape[-2:]))
+    dtype = conv.weight.dtype
+    folded = refill_conv(conv, weight.to(dtype), bias.to(dtype))
+    slot = _empty_slot(call.norm)
+    carry_hooks(conv, folded, forward_pre=True)  # the folded conv reads the same input
+    carry_hooks(call.norm, slot, forward=True)  # the slot returns what the BN returned
+    return {call.name: folded, call.norm_name: slot}
+
+
+def fold_norms(swaps: ModuleSwaps, make_tracer, report: Report, hooked: List[str]) -> nn.Module:
+    """Fold every conv→BN pair of ``swaps.root`` (all or nothing); each one recorded in ``report``, the
+    ones left because of hooks in ``hooked``."""
+    parts, _ = trace_parts(swaps.root, make_tracer)
+    shared = shared_module_names(swaps.root)
+    replacements: Dict[str, nn.Module] = {}
+    for part in parts:
+        for call in find_conv_calls(part, shared):
+            if call.norm is None and not call.functional_norm:
+                continue  # no BN to fold: not a fold site
+            verdict = fold_verdict(call)
+            if verdict.hooked:
+                hooked.append(call.name)
+            if verdict.skip:
+                report.add(call.name, "skipped", f"{call.what} (fold_bn)", verdict.skip)
+                continue
+            replacements.update(fold_site(call))
+            report.add(call.name, "folded", f"{call.what} → conv with bias")
+    return swaps.apply(replacements)

@@ -1,0 +1,72 @@
+"""Turn frozen BatchNorms (torchvision's and timm's FrozenBatchNorm2d, timm's FrozenBatchNormAct2d) into
+trainable ones holding the same statistics, so that the convs before them can be expanded.
+
+Detection and segmentation backbones built with pretrained weights use frozen BNs: their statistics
+cannot become per-branch batch statistics, so expand leaves those sites alone. Unfreezing first is the
+way to train such a model as an ACNet (fine-tune with the BNs in train mode, or keep them in eval).
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+
+from .arguments import check_model
+
+__all__ = ["unfreeze_batch_norm"]
+
+
+def _frozen_kinds():
+    kinds = []
+    try:
+        from torchvision.ops.misc import FrozenBatchNorm2d
+        kinds.append(FrozenBatchNorm2d)
+    except ImportError:  # pragma: no cover - torchvision is a dependency
+        pass
+    try:
+        from timm.layers import FrozenBatchNorm2d as TimmFrozen
+        from timm.layers import FrozenBatchNormAct2d
+        kinds += [TimmFrozen, FrozenBatchNormAct2d]
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(dict.fromkeys(kinds))
+
+
+def _unfrozen(frozen: nn.Module) -> nn.Module:
+    """A trainable BN of the same statistics (BatchNormAct2d keeping drop/act for a norm-act layer)."""
+    weight = frozen.weight
+    kwargs = dict(eps=frozen.eps, device=weight.device, dtype=weight.dtype)
+    if hasattr(frozen, "act"):
+        from timm.layers import BatchNormAct2d
+        new = BatchNormAct2d(weight.numel(), apply_act=False, **kwargs)
+        new.drop, new.act = frozen.drop, frozen.act
+    else:
+        new = nn.BatchNorm2d(weight.numel(), **kwargs)
+    with torch.no_grad():
+        for name in ("weight", "bias", "running_mean", "running_var"):
+            getattr(new, name).copy_(getattr(frozen, name))
+    new.train(frozen.training)
+    return new
+
+
+def unfreeze_batch_norm(model: nn.Module) -> nn.Module:
+    """Replace every frozen BatchNorm of ``model`` by a trainable nn.BatchNorm2d (timm BatchNormAct2d for
+    FrozenBatchNormAct2d) with the same affine parameters and running statistics, in place.
+
+    In eval mode the model computes exactly what it computed. Returns the model (a new BN if ``model`` is
+    itself a frozen BN).
+
+    Example::
+
+        >>> detector = torchvision.models.detection.fasterrcnn_resnet50_fpn(
+        ...     weights_backbone="DEFAULT", trainable_backbone_layers=5)
+        >>> acnet = acfx.expand(acfx.unfreeze_batch_norm(detector))
+    """
+    check_model(model, "unfreeze_batch_norm")
+    kinds = _frozen_kinds()
+    if isinstance(model, kinds):
+        return _unfrozen(model)
+    for name, module in list(model.named_modules()):
+        for child_name, child in list(module.named_children()):
+            if isinstance(child, kinds):
+                setattr(module, child_name, _unfrozen(child))
+    return model

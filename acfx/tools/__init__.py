@@ -1,0 +1,1 @@
+"""Tools around the passes: the command line, checkpoints, diagnostics, model zoo."""

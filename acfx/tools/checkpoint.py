@@ -1,0 +1,243 @@
+"""Reading, checking and writing checkpoints, all or nothing.
+
+``torch.nn.Module.load_state_dict(strict=True)`` copies every matching tensor before it raises on the
+keys that do not match, so a wrong checkpoint leaves a model half-loaded. Here keys, shapes and the block
+layouts an expanded model records are compared first, and the model is only written to when everything
+matches. A checkpoint is read once, into one :class:`Checkpoint` record.
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import pickle
+import tempfile
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Union
+
+import torch
+import torch.nn as nn
+
+__all__ = ["Checkpoint", "read_checkpoint", "read_state_dict", "checkpoint_info", "load_state_dict_strict",
+           "write_state_dict", "CheckpointMismatch", "LAYOUT_KEY"]
+
+_PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
+_ACB_MARKERS = (".square.weight", ".hor.weight", ".ver.weight")
+# The buffer in which an ACBlock / OnlineACConv records how its kernels add up (acfx ≥ 0.2 checkpoints).
+LAYOUT_KEY = "layout"
+
+
+class CheckpointMismatch(ValueError):
+    """The checkpoint's keys, shapes or recorded block layouts do not match the model; nothing was loaded."""
+
+
+@dataclasses.dataclass
+class Checkpoint:
+    """What one checkpoint file holds, read once."""
+
+    path: str
+    # The selected state_dict (``state_dict``, or ``state_dict_ema``), DDP / compile prefixes stripped.
+    state: Dict[str, torch.Tensor]
+    # timm train.py's 'arch' (the model name it trained), when recorded.
+    arch: Optional[str] = None
+    # Model builder arguments train.py records that change what the weights mean (bn_eps, ...).
+    model_kwargs: Dict[str, object] = dataclasses.field(default_factory=dict)
+
+
+def _strip_prefixes(state: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    out = {}
+    for key, value in state.items():
+        changed = True
+        while changed:
+            changed = False
+            for prefix in _PREFIXES:
+                if key.startswith(prefix):
+                    key, changed = key[len(prefix):], True
+        out[key] = value
+    return out
+
+
+def _load_weights_only(path: Path):
+    # timm's train.py saves its argparse.Namespace next to the weights: allow that one class.
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location="cpu", weights_only=True)
+
+
+def _read_file(path: Path):
+    if not path.is_file():
+        raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+            return load_file(str(path))
+        return _load_weights_only(path)
+    except Exception as error:
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        if isinstance(error, pickle.UnpicklingError) or "weights_only" in str(error):
+            raise ValueError(f"refused to read checkpoint {str(path)!r}: it holds Python objects that are not "
+                             f"weights ({first}); acfx reads checkpoints with weights_only=True and never runs "
+                             "code from them. Re-save it as a state_dict (or .safetensors) from a trusted "
+                             "environment") from error
+        raise ValueError(f"could not read checkpoint {str(path)!r} ({type(error).__name__}: {first}); the file "
+                         "may be truncated, or not a PyTorch or safetensors checkpoint") from error
+
+
+def _recorded_kwargs(data: Mapping) -> Dict[str, object]:
+    args = data.get("args")
+    if not isinstance(args, argparse.Namespace):
+        return {}
+    kwargs = dict(getattr(args, "model_kwargs", None) or {})
+    for name in ("bn_eps", "bn_momentum", "in_chans"):
+        if getattr(args, name, None) is not None:
+            kwargs[name] = getattr(args, name)
+    return kwargs
+
+
+def read_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False) -> Checkpoint:
+    """Read a .pth/.pt/.bin (with ``weights_only=True``) or .safetensors file once.
+
+    Accepts a plain state_dict or timm train.py's checkpoint dict (``state_dict``, or ``state_dict_ema``
+    with ``use_ema=True``), and strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
+    """
+    path = Path(path)
+    data = _read_file(path)
+    if not isinstance(data, Mapping):
+        raise ValueError(f"checkpoint {str(path)!r} holds a {type(data).__name__}, not a state_dict")
+    key = "state_dict_ema" if use_ema else "state_dict"
+    if use_ema and key not in data:
+        raise ValueError(f"checkpoint {str(path)!r} has no 'state_dict_ema' (keys: {sorted(data)[:8]})")
+    arch = data.get("arch") if isinstance(data.get("arch"), str) else None
+    kwargs = _recorded_kwargs(data)
+    if key in data and isinstance(data[key], Mapping):
+        data = data[key]
+    tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
+    if not tensors:
+        raise ValueError(f"checkpoint {str(path)!r} holds no tensors (keys: {sorted(data)[:8]})")
+    return Checkpoint(str(path), _strip_prefixes(tensors), arch, kwargs)
+
+
+def read_state_dict(path: Union[str, os.PathLike], use_ema: bool = False) -> Dict[str, torch.Tensor]:
+    """The state_dict of a checkpoint file (see :func:`read_checkpoint`)."""
+    return read_checkpoint(path, use_ema).state
+
+
+def checkpoint_info(path: Union[str, os.PathLike]) -> Dict[str, object]:
+    """What a timm train.py checkpoint records besides weights: {'arch': ..., 'model_kwargs': {...}}.
+
+    Raises what :func:`read_checkpoint` raises (a file that cannot be read is not a checkpoint without info).
+    """
+    checkpoint = read_checkpoint(path)
+    info: Dict[str, object] = {"model_kwargs": checkpoint.model_kwargs}
+    if checkpoint.arch:
+        info["arch"] = checkpoint.arch
+    return info
+
+
+def _layout_owners(model: nn.Module) -> Dict[str, nn.Module]:
+    """state_dict key of each recorded block layout -> the block."""
+    from ..layers.block import ACBlock
+    from ..layers.online import OnlineACConv
+    return {f"{name}.{LAYOUT_KEY}" if name else LAYOUT_KEY: module for name, module in model.named_modules()
+            if isinstance(module, (ACBlock, OnlineACConv))}
+
+
+def _layout_problems(owners: Dict[str, nn.Module], state: Mapping[str, torch.Tensor]) -> List[str]:
+    from ..layers.block import ACBlock
+    from ..layers.layout import layout_difference
+    problems = []
+    for key, block in owners.items():
+        saved = state.get(key)
+        if saved is None or tuple(saved.shape) != tuple(block.layout.shape):
+            continue  # absent: written before layouts were recorded; a shape mismatch is listed with the others
+        if isinstance(block, ACBlock):
+            problem = layout_difference(saved, block.layout)
+        else:
+            same = saved.flatten().tolist() == block.layout.tolist()
+            problem = None if same else ("the asymmetric kernels sit elsewhere than in this model: expand with the "
+                                         "placement / branches the checkpoint was trained with")
+        if problem:
+            problems.append(f"{key[:-len(LAYOUT_KEY) - 1] or '<model>'}: {problem}")
+    return problems
+
+
+def _only_classifier(shapes: List[str], model: nn.Module) -> bool:
+    get = getattr(model, "get_classifier", None)
+    head = get() if callable(get) else None
+    names = [n for n, m in model.named_modules() if m is head] if isinstance(head, nn.Module) else []
+    return bool(shapes and names) and all(s.split(" ")[0].startswith(names[0] + ".") for s in shapes)
+
+
+def _hint(model: nn.Module, model_keys, checkpoint_keys, missing, unexpected, shapes) -> str:
+    model_acb, checkpoint_acb = (any(k.endswith(_ACB_MARKERS) for k in keys) for keys in (model_keys, checkpoint_keys))
+    if checkpoint_acb and not model_acb:
+        return (" The checkpoint is of an expanded (ACNet) model and the model is plain: expand the model "
+                "first (acfx.expand with the options used for training), or convert the checkpoint with "
+                "`acfx collapse`.")
+    if model_acb and not checkpoint_acb:
+        return (" The model is expanded and the checkpoint is plain: load it into the plain model and expand "
+                "that (init='preserve'), or convert it with `acfx expand`.")
+    if _only_classifier(shapes, model) and not missing and not unexpected:
+        return (" Only the classifier differs: the checkpoint has another number of classes (pass "
+                "--num-classes / num_classes= to match it).")
+    acb_keys = [k for k in missing + unexpected if any(p in k for p in (".hor", ".ver", ".square_bn"))]
+    if model_acb and checkpoint_acb and acb_keys and len(acb_keys) == len(missing) + len(unexpected) and not shapes:
+        return (" Both are expanded, with different options (branches, norm, include_unnormed): expand with "
+                "the options the checkpoint was trained with.")
+    return " Is it a checkpoint of this architecture (and num_classes)?"
+
+
+def _listing(title: str, keys: List[str], limit: int = 12) -> str:
+    if not keys:
+        return ""
+    more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
+    return f" {title} ({len(keys)}): {', '.join(keys[:limit])}{more}."
+
+
+def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: Optional[str] = None) -> None:
+    """Load ``state`` into ``model`` if every key, shape and recorded block layout matches; else raise
+    :class:`CheckpointMismatch` and load nothing. Checkpoints written before block layouts were recorded
+    (no ``layout`` keys) load as they did."""
+    expected = model.state_dict()
+    owners = _layout_owners(model)
+    optional = {k for k in owners if k not in state}
+    missing = sorted(set(expected) - set(state) - optional)
+    unexpected = sorted(set(state) - set(expected))
+    shapes = sorted(f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}" for k, v in expected.items()
+                    if k in state and tuple(state[k].shape) != tuple(v.shape))
+    where = f" from {source}" if source else ""
+    if missing or unexpected or shapes:
+        raise CheckpointMismatch(
+            f"checkpoint{where} does not match {type(model).__name__}; nothing was loaded."
+            + _listing("missing keys", missing) + _listing("unexpected keys", unexpected)
+            + _listing("shape mismatches (checkpoint vs model)", shapes)
+            + _hint(model, expected, state, missing, unexpected, shapes))
+    problems = _layout_problems(owners, state)
+    if problems:
+        raise CheckpointMismatch(
+            f"checkpoint{where} was trained with other expand options than {type(model).__name__} was expanded "
+            f"with; nothing was loaded. Its blocks add their kernels up differently: {problems[0]}"
+            + (f" (and {len(problems) - 1} more blocks)" if len(problems) > 1 else ""))
+    model.load_state_dict(state, strict=True)
+
+
+def write_state_dict(state: Mapping[str, torch.Tensor], path: Union[str, os.PathLike]) -> None:
+    """Write a plain state_dict: safetensors for a .safetensors path, torch.save otherwise.
+
+    Written to a temporary file beside ``path`` and moved into place, so that a failed write (a full disk)
+    leaves no partial file and an existing file as it was.
+    """
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().contiguous().cpu() for k, v in state.items()}
+    handle, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(handle)
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import save_file
+            save_file({k: v.clone() for k, v in tensors.items()}, tmp)
+        else:
+            torch.save(tensors, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

@@ -1,0 +1,302 @@
+"""The `acfx` command line: check, expand, collapse and kernels."""
+from __future__ import annotations
+
+import argparse
+import ast
+import collections
+import math
+import sys
+from typing import List, Optional
+
+import torch
+
+__all__ = ["main"]
+
+
+def _expand_options(parser: argparse.ArgumentParser) -> None:
+    """The expand options that change a model's modules and tensors, from ExpandOptions' fields."""
+    from ..passes.options import ExpandOptions
+    group = parser.add_argument_group("expand options (must match those the checkpoint was trained with)")
+    for field in ExpandOptions.fields(structural=True):
+        flag = "--" + field.name.replace("_", "-")
+        help_text = field.metadata["help"]
+        if field.type in (bool, "bool"):
+            group.add_argument(flag, action="store_true", help=help_text)
+        else:
+            default = f" (default: {field.default})" if field.default is not None else ""
+            group.add_argument(flag, choices=field.metadata["choices"], default=field.default, help=help_text + default)
+
+
+def _expand_kwargs(args: argparse.Namespace) -> dict:
+    from ..passes.options import ExpandOptions
+    return {field.name: getattr(args, field.name) for field in ExpandOptions.fields(structural=True)}
+
+
+def _sites_summary(report, action: str) -> str:
+    kinds = collections.Counter(e.what for e in report.of(action))
+    return ", ".join(f"{n}× {what}" for what, n in kinds.most_common()) or "none"
+
+
+def _print_check(result, show_sites: bool) -> None:
+    from ..passes.report import Report
+    expand_report: Report = result.expand_report
+    if show_sites:
+        print(expand_report.format_table())
+    else:
+        print(expand_report.summary())
+        print(f"  expanded: {_sites_summary(expand_report, 'expanded')}")
+        for reason, n in expand_report.skip_reasons().items():
+            print(f"  skipped {n:4d}: {reason}")
+        for entry in expand_report.of("untraced"):
+            print(f"  untraced: {entry.name or '<model>'}: {entry.detail}")
+    print(result.collapse_report.summary())
+    for entry in result.collapse_report.skipped + result.collapse_report.structure_changes:
+        print(f"  {entry.name}: {entry.detail}")
+    p = result.params
+    print(f"parameters: plain {p['plain']:,}  expanded {p['expanded']:,} "
+          f"(+{100 * (p['expanded'] / p['plain'] - 1):.1f}%)  collapsed {p['collapsed']:,}")
+    print(f"class kept: {'yes' if result.class_kept else 'NO'}; "
+          f"training step: {'finite gradients' if result.train_step_finite else 'NON-FINITE gradients'}")
+    print(f"round trip (eval, random BN statistics): max|Δ|/max|y| = {result.error:.2e}; "
+          f"worst fused layer on its block's input: {result.local_error:.2e} (tolerance {result.tolerance:.0e})")
+    if result.error_f64 is not None:
+        print(f"  over the tolerance end to end, so measured in float64 too: round trip {result.error_f64:.2e}; "
+              f"the float32 expanded model is {result.noise_f32:.2e} from its float64 result (float32 noise floor)")
+    print(f"exact: {'OK' if result.exact else 'FAILED'}")
+    if result.strict_reload is None:
+        print(f"strict reload of the collapsed state_dict into a fresh {result.name}: OK")
+    elif result.structure_changed:
+        print(f"strict reload: not expected ({len(result.collapse_report.structure_changes)} structure changes)")
+    else:
+        print(f"strict reload: FAILED: {result.strict_reload}")
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    from .diagnostics import check_round_trip
+    from .zoo import build_model, input_size_for, is_detection, model_source
+
+    source, _ = model_source(args.model)
+    if is_detection(args.model):
+        raise ValueError(f"{args.model} is a detection model: its forward needs targets in train mode and returns "
+                         "detections, so `acfx check` (classification and segmentation models) cannot run it; "
+                         "expand it in Python as the README's 'Detection and segmentation' section shows")
+    torch.manual_seed(args.seed)
+    probe = build_model(args.model)
+    channels, height, width = input_size_for(probe, args.model)
+    if args.img_size:
+        height = width = args.img_size
+    x = torch.randn(args.batch_size, channels, height, width)
+    print(f"acfx check {args.model} ({source}, random weights, input {tuple(x.shape)})")
+    result = check_round_trip(args.model, lambda: build_model(args.model), x, args.tolerance,
+                              **_expand_kwargs(args))
+    if result.failure:
+        print(f"FAILED: {result.failure}")
+        return 1
+    _print_check(result, args.sites)
+    return 0 if result.ok else 1
+
+
+def _model_name(args: argparse.Namespace, checkpoint) -> str:
+    """--model, or the 'arch' a timm train.py checkpoint records (without the acb_ prefix)."""
+    name = args.model or checkpoint.arch
+    if not name:
+        raise ValueError(f"{args.checkpoint} is a plain state_dict that does not record its architecture (only timm "
+                         "train.py checkpoints do): pass --model NAME")
+    return name[len("acb_"):] if name.startswith("acb_") else name
+
+
+def _parse_kwargs(items: List[str]) -> dict:
+    kwargs = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise ValueError(f"--model-kwargs takes KEY=VALUE items, got {item!r}")
+        try:
+            kwargs[key] = ast.literal_eval(value)
+        except (ValueError, SyntaxError):
+            kwargs[key] = value
+    return kwargs
+
+
+def _model_kwargs(args: argparse.Namespace, checkpoint) -> dict:
+    """--model-kwargs, over the model arguments a train.py checkpoint records (bn_eps, ...)."""
+    recorded = checkpoint.model_kwargs
+    if recorded:
+        print(f"model arguments recorded in the checkpoint: {recorded}")
+    return {**recorded, **_parse_kwargs(args.model_kwargs)}
+
+
+def _read(args: argparse.Namespace):
+    """The checkpoint, read once, with its model name and model arguments."""
+    from .checkpoint import read_checkpoint
+    checkpoint = read_checkpoint(args.checkpoint, use_ema=args.use_ema)
+    return checkpoint, _model_name(args, checkpoint), _model_kwargs(args, checkpoint)
+
+
+def _print_conversion(result, verb: str) -> None:
+    print(result.report.summary())
+    for reason, n in result.report.skip_reasons().items():
+        print(f"  skipped {n:4d}: {reason}")
+    print(f"{verb} model vs source model on a random input: max|Δ|/max|y| = {result.error:.2e} "
+          f"(tolerance {result.tolerance:.0e})")
+    if result.float64 is not None:
+        check = result.float64
+        print(f"  over the tolerance, so repeated in float64: {check.error_f64:.2e}; the float32 source model is "
+              f"{check.noise_f32:.2e} from its float64 result (float32 noise floor)")
+    if result.written:
+        print(f"wrote {result.output}")
+    else:
+        print(f"NOT written: the {verb.split()[0]} model does not match the source beyond float rounding",
+              file=sys.stderr)
+
+
+def cmd_collapse(args: argparse.Namespace) -> int:
+    from .convert import collapse_checkpoint
+    from .outputs import output_path
+    output = output_path(args.checkpoint, args.output, "collapsed", args.force)  # before any work
+    checkpoint, name, kwargs = _read(args)
+    result = collapse_checkpoint(checkpoint, name, output, num_classes=args.num_classes, fold_bn=args.fold_bn,
+                                 model_kwargs=kwargs, tolerance=args.tolerance, **_expand_kwargs(args))
+    _print_conversion(result, "collapsed")
+    if result.written and not args.fold_bn:
+        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items() if k != "bn_momentum")
+        classes = f", num_classes={result.num_classes}" if result.num_classes is not None else ""
+        print(f"load it without acfx: timm.create_model({name!r}{classes}{extra}, checkpoint_path={output!r})")
+    return 0 if result.written else 1
+
+
+def cmd_expand(args: argparse.Namespace) -> int:
+    from .convert import expand_checkpoint
+    from .outputs import output_path
+    output = output_path(args.checkpoint, args.output, "acb", args.force)
+    checkpoint, name, kwargs = _read(args)
+    result = expand_checkpoint(checkpoint, name, output, num_classes=args.num_classes, model_kwargs=kwargs,
+                               tolerance=args.tolerance, **_expand_kwargs(args))
+    _print_conversion(result, "expanded (init='preserve')")
+    return 0 if result.written else 1
+
+
+def cmd_kernels(args: argparse.Namespace) -> int:
+    from .checkpoint import load_state_dict_strict
+    from .convert import build_matching
+    from ..passes.expand import expand
+    from .kernels import format_grid, kernel_magnitude, save_heatmap
+    from .outputs import output_path
+
+    output = output_path(args.checkpoint, args.output or "kernel_magnitude.png", "kernels", force=True)
+    checkpoint, name, kwargs = _read(args)
+    state = checkpoint.state
+    model = build_matching(name, state, args.num_classes, **kwargs)
+    expanded = any(k.endswith((".square.weight", ".hor.weight", ".ver.weight")) for k in state)
+    if expanded:
+        model = expand(model, inplace=True, **_expand_kwargs(args))
+    load_state_dict_strict(model, state, args.checkpoint)
+    size = (args.kernel_size, args.kernel_size) if args.kernel_size else None
+    matrix, layers = kernel_magnitude(model.eval(), size)
+    kind = "expanded (ACNet), fused" if expanded else "plain, BN folded"
+    print(f"average kernel magnitude, {name} ({kind}), {layers} layers of {matrix.shape[0]}x{matrix.shape[1]}:")
+    print(format_grid(matrix))
+    save_heatmap(matrix, output, f"{name} ({kind}), {layers} layers")
+    print(f"wrote {output}")
+    return 0
+
+
+def _tolerance(text: str) -> float:
+    """A --tolerance: a positive, finite number."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {text!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a positive finite number, got {text!r}")
+    return value
+
+
+def _checkpoint_args(parser: argparse.ArgumentParser, output_help: str) -> None:
+    parser.add_argument("checkpoint", help="a state_dict or timm train.py checkpoint (.pth, .pth.tar, .safetensors)")
+    parser.add_argument("--model", default=None,
+                        help="timm model name, or torchvision's with 'tv:' (default: the checkpoint's 'arch')")
+    parser.add_argument("-o", "--output", default=None, help=output_help)
+    parser.add_argument("--force", action="store_true",
+                        help="replace an existing output file (never the input checkpoint unless -o names it)")
+    parser.add_argument("--use-ema", action="store_true", help="use the checkpoint's state_dict_ema")
+    parser.add_argument("--num-classes", type=int, default=None,
+                        help="classes of the model (default: read off the checkpoint's classifier)")
+    parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
+                        help="model builder arguments, as in train.py (e.g. bn_eps=1e-3); those a train.py "
+                             "checkpoint records (bn_eps, bn_momentum, model_kwargs) are used by default")
+
+
+def _conversion_args(parser: argparse.ArgumentParser, output_help: str) -> None:
+    _checkpoint_args(parser, output_help)
+    parser.add_argument("--tolerance", type=_tolerance, default=1e-5,
+                        help="max relative error of the converted model vs the source (default: 1e-5); "
+                             "over it, the conversion is repeated in float64, and nothing is written "
+                             "unless that shows float32 rounding")
+    _expand_options(parser)
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="acfx", description="ACNet training for any CNN: expand k×k convs into Asymmetric Convolution "
+                                 "Blocks, collapse them back after training.")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    check = sub.add_parser("check", help="expand and collapse a timm/torchvision model, report sites and error",
+                           description="Build MODEL with random weights, expand it, take a training step, "
+                                       "randomise BN statistics, collapse it, and report the sites, parameter "
+                                       "counts, the round-trip error and a strict reload into a fresh model. "
+                                       "Exit code 1 if any check fails.")
+    check.add_argument("model", nargs="?", default="resnet50",
+                       help="timm model name, or torchvision's with a 'tv:' prefix (default: resnet50)")
+    check.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
+    check.add_argument("--batch-size", type=int, default=2, help="batch size (default: 2)")
+    check.add_argument("--tolerance", type=_tolerance, default=1e-5,
+                       help="max relative error, a positive number (default: 1e-5)")
+    check.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
+    check.add_argument("--sites", action="store_true", help="print every site, not a summary")
+    _expand_options(check)
+    check.set_defaults(func=cmd_check)
+
+    col = sub.add_parser("collapse", help="expanded (ACNet) training checkpoint → checkpoint of the plain model",
+                         description="Load a checkpoint of acfx.expand(MODEL), collapse it, check the result "
+                                     "against the expanded model, and write a plain state_dict that "
+                                     "timm.create_model(MODEL, checkpoint_path=OUT) loads strictly without acfx. "
+                                     "Nothing is written if the checkpoint does not match.")
+    _conversion_args(col, "output .pth or .safetensors (default: <checkpoint>-collapsed.pth)")
+    col.add_argument("--fold-bn", action="store_true", help="also fold every BN into its conv (deploy form; "
+                                                             "no longer loads into the plain architecture)")
+    col.set_defaults(func=cmd_collapse)
+
+    exp = sub.add_parser("expand", help="plain checkpoint → ACNet checkpoint (function-preserving init)",
+                         description="Load a plain checkpoint of MODEL, expand it with init='preserve' (the new "
+                                     "branches start at zero, the function is unchanged) and write the expanded "
+                                     "state_dict, for a fine-tuning run (e.g. train.py --model acb_MODEL "
+                                     "--initial-checkpoint OUT).")
+    _conversion_args(exp, "output .pth or .safetensors (default: <checkpoint>-acb.pth)")
+    exp.set_defaults(func=cmd_expand)
+
+    ker = sub.add_parser("kernels", help="average kernel magnitude matrix (ACNet Sect. 4.4) as a grid and a PNG",
+                         description="Per k×k layer, sum |kernel| (after BN folding; an expanded model is fused "
+                                     "first) over filters and input channels, normalise by its maximum, average "
+                                     "over layers: ACNet strengthens the skeleton (centre row and column).")
+    _checkpoint_args(ker, "heatmap PNG (default: kernel_magnitude.png)")
+    ker.add_argument("--kernel-size", type=int, default=None,
+                     help="which k×k layers (default: the most common kernel size)")
+    _expand_options(ker)
+    ker.set_defaults(func=cmd_kernels)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    """Entry point of the `acfx` command; returns the exit code (2 for bad input)."""
+    args = _parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except (ValueError, TypeError, OSError) as error:
+        print(f"acfx {args.command}: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
