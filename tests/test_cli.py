@@ -108,3 +108,12 @@ def test_collapse_of_a_wrong_fusion_writes_nothing(tmp_path, capsys, monkeypatch
     captured = capsys.readouterr()
     assert "repeated in float64" in captured.out and "NOT written" in captured.err, captured
     assert not out.exists()
+
+
+def test_check_builds_torchvision_segmentation_without_downloads_and_refuses_detection(capsys):
+    assert main(["check", "tv:lraspp_mobilenet_v3_large", "--img-size", "64"]) == 0
+    out = capsys.readouterr().out
+    assert "acfx expand: 16 expanded" in out and "exact: OK" in out, out
+    assert main(["check", "tv:fasterrcnn_resnet50_fpn"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "is a detection model" in err, err

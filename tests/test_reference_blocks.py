@@ -102,6 +102,11 @@ def test_every_acb_tf_model_traces_with_timms_fx_leaves():
         def is_leaf_module(self, m, qualified_name):
             return isinstance(m, leaves) or super().is_leaf_module(m, qualified_name)
 
+    model = randomize_bn(timm.create_model("acb_tf_efficientnet_b0")).eval()
+    extractor = timm.models.create_feature_extractor(model, return_nodes=["conv_head"])
+    x = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        assert_rel_close(extractor(x)["conv_head"], model.conv_head(model.blocks(model.bn1(model.conv_stem(x)))))
     names = [n for n in acfx.timm.registered() if n.startswith("acb_tf_")]
     assert len(names) == 38
     for name in names:
