@@ -782,34 +782,44 @@ def _cpu_name() -> str:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                     formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--quick", action="store_true",
-                        help="1 seed, 5 epochs, 1 QAT epoch, every variant (a smoke run, about 2 min on 2 cores)")
-    parser.add_argument("--data", default=None,
-                        help="CIFAR-10 folder or ImageFolder tree; default: scikit-learn digits")
-    parser.add_argument("--size", type=int, default=16, help="image side after resizing (digits: upsampled from 8)")
-    parser.add_argument("--model", default="cifar_resnet20", help="cifar_resnetN (N = 6n+2) or a timm model name")
+                        help="a smoke run: 1 seed (whatever --seeds says), 5 epochs, 1 QAT epoch, every variant; "
+                        "about 3 min on 2 cores")
+    parser.add_argument("--data", default=None, metavar="PATH",
+                        help="CIFAR-10 folder (holding cifar-10-batches-py) or ImageFolder tree; "
+                        "default: scikit-learn's digits")
+    parser.add_argument("--size", type=int, default=None,
+                        help="image side after resizing; default 16 for the digits (upsampled from 8), 32 for --data")
+    parser.add_argument("--model", default="cifar_resnet20",
+                        help="cifar_resnetN (N = 6n+2: 8, 14, 20, 32, 44, 56, ...) or a timm model name; "
+                        "default cifar_resnet20")
     parser.add_argument("--variants", nargs="+", default=list(DEFAULT_VARIANTS), choices=list(VARIANTS),
-                        help="variants to train (base is needed for the paired differences)")
-    parser.add_argument("--seeds", type=int, default=5, help="number of seeds (0, 1, ... N-1)")
-    parser.add_argument("--first-seed", type=int, default=0)
-    parser.add_argument("--epochs", type=int, default=None, help="default 30, --quick 5")
-    parser.add_argument("--batch-size", type=int, default=Recipe.batch_size)
-    parser.add_argument("--lr", type=float, default=Recipe.lr)
-    parser.add_argument("--weight-decay", type=float, default=Recipe.weight_decay)
+                        metavar="NAME", help=f"variants to train, of {', '.join(VARIANTS)}; default all (base is "
+                        "needed for the paired differences)")
+    parser.add_argument("--seeds", type=int, default=5, help="number of seeds: first-seed, first-seed + 1, ...; "
+                        "default 5")
+    parser.add_argument("--first-seed", type=int, default=0, help="default 0")
+    parser.add_argument("--epochs", type=int, default=None, help=f"default {Recipe.epochs}, --quick 5")
+    parser.add_argument("--batch-size", type=int, default=Recipe.batch_size, help=f"default {Recipe.batch_size}")
+    parser.add_argument("--lr", type=float, default=Recipe.lr, help=f"peak SGD learning rate, cosine to 0; default "
+                        f"{Recipe.lr}")
+    parser.add_argument("--weight-decay", type=float, default=Recipe.weight_decay,
+                        help=f"default {Recipe.weight_decay}")
     parser.add_argument("--translate", type=int, default=None, help="random shift in pixels; default size // 8")
     parser.add_argument("--hflip", action=argparse.BooleanOptionalAction, default=None,
-                        help="random left-right flips in training; default off for digits, on for --data")
-    parser.add_argument("--calibration-images", type=int, default=Recipe.calibration_images)
-    parser.add_argument("--qat-epochs", type=int, default=None, help="QAT fine-tune epochs, 0 to skip; default 2, "
-                        "--quick 1")
-    parser.add_argument("--device", default="cpu", help="training device (int8 always runs on the CPU)")
+                        help="random left-right flips in training; default off for the digits, on for --data")
+    parser.add_argument("--calibration-images", type=int, default=Recipe.calibration_images,
+                        help=f"training images that calibrate int8; default {Recipe.calibration_images}")
+    parser.add_argument("--qat-epochs", type=int, default=None,
+                        help=f"QAT fine-tune epochs, 0 to skip; default {Recipe.qat_epochs}, --quick 1")
+    parser.add_argument("--device", default="cpu", help="training device; default cpu (int8 always runs on the CPU)")
     parser.add_argument("--workers", type=int, default=None,
-                        help="processes training runs in parallel; default 2 on the CPU (1 with --device cuda)")
+                        help="processes training runs in parallel; default min(2, CPU count) on the CPU, "
+                        "1 with --device cuda")
     parser.add_argument("--threads", type=int, default=None,
                         help="torch threads per process; default 1 per worker with --workers > 1, else torch's")
-    parser.add_argument("--out", default=None, help="output stem: writes STEM.json, STEM.md, STEM.png; default "
+    parser.add_argument("--out", default=None, metavar="STEM", help="writes STEM.json, STEM.md, STEM.png; default "
                         "benchmarks/results/accuracy_<data>[_quick]")
     parser.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     args = parser.parse_args(argv)
@@ -823,6 +833,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         args.workers = 1 if torch.device(args.device).type != "cpu" else min(2, os.cpu_count() or 1)
     if args.workers < 1:
         parser.error("--workers must be at least 1")
+    if args.size is None:
+        args.size = 32 if args.data else 16
     return args
 
 
