@@ -52,7 +52,7 @@ class ACBlock(nn.Module):
     a checkpoint of a block built with other options (placement, branches, norm) is refused on loading.
     """
 
-    __jit_unused_properties__ = ["_paired", "offsets", "hor_crop", "ver_crop"]
+    __jit_unused_properties__ = ["offsets", "hor_crop", "ver_crop"]
 
     def __init__(self, layout: BlockLayout, convs: Dict[str, nn.Module], norms: Dict[str, Optional[nn.Module]],
                  pad: Optional[nn.Module] = None, template: Optional[nn.Module] = None) -> None:
@@ -75,13 +75,11 @@ class ACBlock(nn.Module):
         # Outside the module tree (a tuple): not in state_dict, named_modules or .to().
         self._template = (template,) if template is not None else ()
         self._tail: tuple = ()  # the NormTail in the BN's slot, set by NormTail
+        # A plain flag (compilers read it without a look at the tail): a NormTail adds the eval shift.
+        self.paired = False
         record = layout.record({name: norms.get(name) is not None for name in BRANCHES})
         device = next((t.device for t in self._tensors()), None)
         self.register_buffer("layout", torch.tensor(record, dtype=torch.int64, device=device))
-
-    @property
-    def _paired(self) -> bool:
-        return bool(self._tail)
 
     def tail(self) -> Optional["NormTail"]:
         """The NormTail in the BN's slot after this block (None: the block's output is its own)."""
@@ -137,7 +135,7 @@ class ACBlock(nn.Module):
             return self._branch_forward(x)  # collapse and fx tools see the branches
         other = alternative_forward(self) if self.impl != "branches" else None
         out = other(self, x) if other is not None else self._branch_forward(x)
-        if self._paired and not self.training:
+        if not self.training and self.paired:
             out = out - self.eval_shift().view(1, -1, 1, 1)  # the NormTail after the block adds it back
         return out
 
@@ -233,6 +231,7 @@ class NormTail(nn.Module):
         self._block = (block,) if block is not None else ()
         if block is not None:
             block._tail = (self,)
+            block.paired = True
 
     @property
     def norm_type(self) -> type:
