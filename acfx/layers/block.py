@@ -79,6 +79,8 @@ class ACBlock(nn.Module):
         self.paired = False
         record = layout.record({name: norms.get(name) is not None for name in BRANCHES})
         device = next((t.device for t in self._tensors()), None)
+        # The record itself lives here; the buffer carries it into checkpoints (refreshed after to_empty).
+        self._layout_record: List[int] = list(record)
         self.register_buffer("layout", torch.tensor(record, dtype=torch.int64, device=device))
 
     def tail(self) -> Optional["NormTail"]:
@@ -189,12 +191,22 @@ class ACBlock(nn.Module):
         return self._template[0] if self._template else None
 
     # -- checkpoints --------------------------------------------------------------------------------------
+    def _apply(self, fn, *args, **kwargs):
+        """Moves and materialisations (``to_empty`` leaves uninitialised memory) keep the recorded layout."""
+        module = super()._apply(fn, *args, **kwargs)
+        record = self.__dict__.get("_layout_record")  # absent from blocks pickled by acfx 0.2.0
+        if record is not None and self.layout.device.type != "meta":
+            with torch.no_grad():
+                self.layout.copy_(torch.tensor(record, dtype=self.layout.dtype))
+        return module
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs) -> None:
         key = prefix + "layout"
         saved = state_dict.get(key)
         if saved is not None:
-            problem = layout_difference(saved, self.layout)
+            record = self.__dict__.get("_layout_record")
+            problem = layout_difference(saved, self.layout if record is None else torch.tensor(record))
             if problem:
                 error_msgs.append(f"{prefix or '<model>.'}layout: {problem}")
                 return

@@ -21,7 +21,8 @@ try:  # timm is optional at import time
 except ImportError:  # pragma: no cover - timm is a dependency, but acfx works on plain torch too
     _Conv2dSame = None
 
-__all__ = ["PLAIN", "SAME", "conv_kind", "unknown_conv_reason", "is_dynamic_same", "other_conv_reason", "kernel_of"]
+__all__ = ["PLAIN", "SAME", "conv_kind", "instance_override", "extra_state", "unknown_conv_reason", "is_dynamic_same",
+           "other_conv_reason", "kernel_of"]
 
 PLAIN = "conv2d"  # nn.Conv2d's computation: static padding, any padding mode
 SAME = "conv2d_same"  # timm's Conv2dSame: TF 'same' padding from the input size, then a conv with padding 0
@@ -34,9 +35,24 @@ def _plain_parameters(module: nn.Module) -> bool:
     return "weight" in module._parameters and "bias" in module._parameters
 
 
+def instance_override(module: nn.Module, methods=("forward", "_conv_forward")) -> Optional[str]:
+    """The name of a method replaced on this module object (monkeypatching, accelerate-style hooks), if any:
+    the class's code is then not what runs."""
+    return next((name for name in methods if name in module.__dict__), None)
+
+
+def extra_state(module: nn.Module, parameters=("weight", "bias"), buffers=(), children=()) -> list:
+    """Parameters, buffers and children ``module`` holds beyond those of its kind: a rebuilt module would
+    drop them, and what the module does with them is unknown."""
+    return ([n for n in module._parameters if n not in parameters] + [n for n in module._buffers if n not in buffers]
+            + [n for n in module._modules if n not in children])
+
+
 def conv_kind(module: nn.Module) -> Optional[str]:
     """``PLAIN`` or ``SAME`` when acfx knows what ``module`` computes; None otherwise."""
     if not isinstance(module, nn.Conv2d) or not _plain_parameters(module):
+        return None
+    if instance_override(module) or extra_state(module):
         return None
     kind = type(module)
     if _Conv2dSame is not None and isinstance(module, _Conv2dSame):
@@ -61,6 +77,14 @@ def unknown_conv_reason(module: nn.Module) -> Optional[str]:
                 "remove the parametrization (parametrize.remove_parametrizations) to expand it")
     if not _plain_parameters(module):
         return f"conv {name} does not hold its weight as a registered parameter"
+    replaced = instance_override(module)
+    if replaced:
+        return (f"conv {name} has its {replaced} replaced on the instance, so acfx does not know what it computes; "
+                "restore the class's method to rewrite it")
+    extra = extra_state(module)
+    if extra:
+        return (f"conv {name} holds {extra} beyond a conv's weight and bias: the rewrite would drop them and "
+                "acfx does not know what they do")
     overridden = [m for m in ("forward", "_conv_forward") if getattr(type(module), m) is not getattr(nn.Conv2d, m)]
     return (f"conv type {name} is not supported: it overrides {' and '.join(overridden) or 'its forward'}, so acfx "
             "does not know what it computes (it handles nn.Conv2d's own forward and timm's Conv2dSame)")

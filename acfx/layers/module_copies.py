@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+from collections import OrderedDict
 from typing import Optional
 
 import torch
@@ -10,10 +11,22 @@ import torch.nn as nn
 __all__ = ["hollow_copy", "refill_conv"]
 
 
+_HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
+               "_forward_hooks_always_called", "_backward_hooks", "_backward_pre_hooks", "_state_dict_hooks",
+               "_state_dict_pre_hooks", "_load_state_dict_pre_hooks", "_load_state_dict_post_hooks")
+
+
 def hollow_copy(module: nn.Module) -> nn.Module:
-    """An independent copy of ``module`` with no parameters, buffers or children (its kind and config)."""
+    """An independent copy of ``module`` with no parameters, buffers, children or hooks (its kind and config).
+
+    Hooks belong to the user's module object: a template that kept copies of them would bring back, when the
+    module is rebuilt from it, a hook the user has since removed.
+    """
     shallow = copy.copy(module)
     shallow._modules, shallow._parameters, shallow._buffers = {}, {}, {}
+    for name in _HOOK_DICTS:
+        if name in shallow.__dict__:
+            setattr(shallow, name, OrderedDict())
     group = getattr(module, "process_group", None)  # process groups are shared, never copied
     return copy.deepcopy(shallow, memo={id(group): group})
 

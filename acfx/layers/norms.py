@@ -10,6 +10,8 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
+from .convs import extra_state, instance_override
+
 try:  # timm is optional at import time
     from timm.layers import BatchNormAct2d as _BatchNormAct2d
     from timm.layers.norm_act import SyncBatchNormAct as _SyncBatchNormAct
@@ -28,14 +30,28 @@ def is_batch_norm(module: nn.Module) -> bool:
     return isinstance(module, nn.modules.batchnorm._BatchNorm) or "BatchNorm" in type(module).__name__
 
 
+_STATE = dict(parameters=("weight", "bias"), buffers=("running_mean", "running_var", "num_batches_tracked"))
+
+
 def unsupported_norm_reason(module: nn.Module) -> Optional[str]:
     """Why this BN cannot be split into branch BNs, or None if it can."""
     kind = type(module)
+    name = kind.__name__
     if kind not in _PLAIN + _NORM_ACT:
         if "Frozen" in kind.__name__:
             return (f"followed by {kind.__name__}: frozen statistics cannot become per-branch batch "
                     "statistics; unfreeze it first (acfx.unfreeze_batch_norm(model)) to expand it")
         return f"norm type {kind.__name__} is not supported (nn.BatchNorm2d, nn.SyncBatchNorm, timm BatchNormAct2d)"
+    replaced = instance_override(module, ("forward",))
+    if replaced:
+        return (f"{name} has its forward replaced on the instance, so acfx does not know what it computes; "
+                "restore the class's forward to rewrite it")
+    extra = extra_state(module, children=("drop", "act") if kind in _NORM_ACT else (), **_STATE)
+    if extra:
+        return (f"{name} holds {extra} beyond a BatchNorm's parameters and statistics: the rewrite would drop "
+                "them and acfx does not know what they do")
+    if module.affine and module.bias is None:
+        return f"{name} has a scale but no shift (bias=False): acfx's branch BNs and fusion need both"
     if not module.track_running_stats or module.running_mean is None:
         return ("BN does not track running statistics: it normalises with batch statistics even in eval, "
                 "so the branches could never be fused")
@@ -44,7 +60,7 @@ def unsupported_norm_reason(module: nn.Module) -> Optional[str]:
 
 def foldable_norm(module: nn.Module) -> bool:
     """A BN whose eval output is an affine map of its input (timm norm-act only with no drop/act)."""
-    if not isinstance(module, nn.modules.batchnorm._BatchNorm):
+    if not isinstance(module, nn.modules.batchnorm._BatchNorm) or unsupported_norm_reason(module):
         return False
     if type(module) not in _PLAIN:
         children = dict(module.named_children())

@@ -15,7 +15,7 @@ the reference this one is tested against.
 """
 from __future__ import annotations
 
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -102,15 +102,31 @@ def stacked_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
 def _batch_norm(y: torch.Tensor, norms: List[nn.BatchNorm2d], groups: int) -> torch.Tensor:
     """The BNs of all branches as one BN over the stacked channels; running statistics written back."""
     first = norms[0]
-    factor = [training_momentum(norm) for norm in norms][0] if first.training else 0.0
+    factors = [training_momentum(norm) for norm in norms] if first.training else [0.0]
     mean = _by_group([n.running_mean for n in norms], groups)
     var = _by_group([n.running_var for n in norms], groups)
     weight = _by_group([n.weight for n in norms], groups)
     bias = _by_group([n.bias for n in norms], groups)
-    out = F.batch_norm(y, mean, var, weight, bias, first.training, factor, first.eps)
+    if len(set(factors)) == 1:
+        out = F.batch_norm(y, mean, var, weight, bias, first.training, factors[0], first.eps)
+    else:  # momentum=None with branches that have counted different numbers of batches (a pretrained k×k BN)
+        out = F.batch_norm(y, mean, var, weight, bias, True, 0.0, first.eps)
+        mean, var = _updated_each(y, mean, var, [torch.full_like(n.running_mean, f) for n, f in zip(norms, factors)],
+                                  groups)
     if first.training:
         with torch.no_grad():
             for norm, m, v in zip(norms, _ungroup(mean, len(norms), groups), _ungroup(var, len(norms), groups)):
                 norm.running_mean.copy_(m)
                 norm.running_var.copy_(v)
     return out
+
+
+def _updated_each(y: torch.Tensor, mean: torch.Tensor, var: torch.Tensor, factors: List[torch.Tensor],
+                  groups: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The stacked running statistics updated with each branch's own momentum factor, as each branch's BN
+    would update them (the batch variance unbiased, as nn.BatchNorm2d keeps it)."""
+    with torch.no_grad():
+        factor = _by_group(factors, groups)
+        values = y.detach().to(mean.dtype)
+        return ((1 - factor) * mean + factor * values.mean((0, 2, 3)),
+                (1 - factor) * var + factor * values.var((0, 2, 3), unbiased=True))

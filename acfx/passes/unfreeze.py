@@ -7,9 +7,14 @@ way to train such a model as an ACNet (fine-tune with the BNs in train mode, or 
 """
 from __future__ import annotations
 
+import warnings
+from typing import Optional
+
 import torch
 import torch.nn as nn
 
+from ..layers.convs import instance_override
+from ..layers.hooks import hooks_of
 from .arguments import check_model
 
 __all__ = ["unfreeze_batch_norm"]
@@ -48,12 +53,25 @@ def _unfrozen(frozen: nn.Module) -> nn.Module:
     return new
 
 
+def _left_reason(frozen: nn.Module, kinds) -> Optional[str]:
+    """Why this frozen BN is not replaced (None: it is): a subclass or a replaced forward computes something
+    acfx does not know, and hooks would be dropped with the module."""
+    if type(frozen) not in kinds:
+        return f"{type(frozen).__name__} subclasses a frozen BN"
+    if instance_override(frozen, ("forward",)):
+        return "its forward is replaced on the instance"
+    if hooks_of(frozen).any:
+        return f"it has a {' and a '.join(hooks_of(frozen).kinds())}"
+    return None
+
+
 def unfreeze_batch_norm(model: nn.Module) -> nn.Module:
     """Replace every frozen BatchNorm of ``model`` by a trainable nn.BatchNorm2d (timm BatchNormAct2d for
     FrozenBatchNormAct2d) with the same affine parameters and running statistics, in place.
 
-    In eval mode the model computes exactly what it computed. Returns the model (a new BN if ``model`` is
-    itself a frozen BN).
+    In eval mode the model computes exactly what it computed. A frozen BN whose computation acfx does not
+    know (a subclass, a forward replaced on the instance) or that has hooks is left as it is, with a warning.
+    Returns the model (a new BN if ``model`` is itself a frozen BN).
 
     Example::
 
@@ -63,10 +81,22 @@ def unfreeze_batch_norm(model: nn.Module) -> nn.Module:
     """
     check_model(model, "unfreeze_batch_norm")
     kinds = _frozen_kinds()
+    left = []
     if isinstance(model, kinds):
-        return _unfrozen(model)
-    for name, module in list(model.named_modules()):
-        for child_name, child in list(module.named_children()):
-            if isinstance(child, kinds):
-                setattr(module, child_name, _unfrozen(child))
+        reason = _left_reason(model, kinds)
+        left = [f"<model>: {reason}"] if reason else []
+        model = model if reason else _unfrozen(model)
+    else:
+        for name, module in list(model.named_modules()):
+            for child_name, child in list(module.named_children()):
+                if isinstance(child, kinds):
+                    reason = _left_reason(child, kinds)
+                    if reason:
+                        left.append(f"{name + '.' if name else ''}{child_name}: {reason}")
+                    else:
+                        setattr(module, child_name, _unfrozen(child))
+    if left:
+        warnings.warn(f"acfx.unfreeze_batch_norm: {len(left)} frozen BatchNorm(s) left frozen, their computation "
+                      f"would not be kept ({'; '.join(left[:3])}{'; ...' if len(left) > 3 else ''}); expand skips "
+                      "the convs before them", UserWarning, stacklevel=2)
     return model

@@ -38,7 +38,8 @@ def randomize_norms(model: nn.Module, seed: int = 0, gamma: float = 1.0) -> nn.M
             module.running_var.copy_(torch.rand(n, generator=gen).mul_(1.5).add_(0.5).to(ref))
             if module.affine:
                 module.weight.copy_(torch.rand(n, generator=gen).add_(0.5).mul_(gamma).to(module.weight))
-                module.bias.copy_(torch.randn(n, generator=gen).mul_(0.2).to(module.bias))
+                if module.bias is not None:  # BatchNorm2d(bias=False), torch ≥ 2.12
+                    module.bias.copy_(torch.randn(n, generator=gen).mul_(0.2).to(module.bias))
     return model
 
 
