@@ -7,7 +7,7 @@ pattern with an ``extra_check``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx as fx
@@ -15,7 +15,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.norms import is_batch_norm
-from .tracing import TracedPart, module_calls
+from .tracing import TracedPart, UntracedPart, module_calls
+from .untraced_reach import reach_reason
 
 __all__ = ["ConvCall", "find_conv_calls"]
 
@@ -48,6 +49,10 @@ class ConvCall:
     norm_aliases: Tuple[str, ...] = ()
     # Tensor inputs of the BN call (1 for a plain call).
     norm_inputs: int = 1
+    # Why the conv / the BN is used other than by one call module(x) seen in the graph (keyword arguments,
+    # its weights read directly, code that did not trace reaching it); None when it is not.
+    conv_use: Optional[str] = None
+    norm_use: Optional[str] = None
     # The conv's output goes to a functional batch_norm (reported, never rewritten).
     functional_norm: bool = False
     # For a functional conv: the function called ("F.conv2d").
@@ -77,8 +82,19 @@ def _op_name(node: fx.Node, modules: Dict[str, nn.Module]) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
+def _other_use(part: TracedPart, target: str, untraced: List[UntracedPart], tied: Dict[str, List[str]]
+               ) -> Optional[str]:
+    """Why the module ``target`` of ``part`` may be used other than by its calls in the graph."""
+    name = part.qualify(target)
+    if name in tied:
+        return (f"a parameter or buffer of it is tied to {tied[name][:3]}: rewriting one holder would break the tie "
+                "(untie them, or exclude this site)")
+    return (part.call_form_reason(target) or part.attribute_reason(target)
+            or reach_reason(name, part.module.get_submodule(target), [(u.name, u.reach) for u in untraced]))
+
+
 def _consumer(call: ConvCall, node: fx.Node, part: TracedPart, modules: Dict[str, nn.Module], calls: Dict[str, int],
-              shared: Dict[str, list]) -> None:
+              shared: Dict[str, list], untraced: List[UntracedPart], tied: Dict[str, List[str]]) -> None:
     """Fill in what takes the output of the conv ``node``."""
     users = [u for u in node.users if u in part.live]
     if not users:
@@ -102,6 +118,7 @@ def _consumer(call: ConvCall, node: fx.Node, part: TracedPart, modules: Dict[str
     call.norm_calls = calls[user.target]
     call.norm_aliases = tuple(shared.get(call.norm_name, ()))
     call.norm_inputs = len(user.all_input_nodes)
+    call.norm_use = _other_use(part, user.target, untraced, tied)
 
 
 def _enclosing(node: fx.Node, part: TracedPart) -> str:
@@ -109,22 +126,27 @@ def _enclosing(node: fx.Node, part: TracedPart) -> str:
     return part.qualify(stack[-1][0]) if stack else (part.name or "<model>")
 
 
-def find_conv_calls(part: TracedPart, shared: Dict[str, list]) -> List[ConvCall]:
+def find_conv_calls(part: TracedPart, shared: Dict[str, list], untraced: Sequence[UntracedPart] = (),
+                    tied: Optional[Dict[str, List[str]]] = None) -> List[ConvCall]:
     """Every convolution call in ``part`` (modules of any conv kind, and functional convs), in graph order.
 
-    ``shared``: qualified name -> all names, for modules registered under several names.
+    ``shared``: qualified name -> all names, for modules registered under several names. ``untraced``: the
+    modules that did not trace (their code may reach into the part). ``tied``: modules holding a tensor
+    another module holds too (tracing.tied_tensor_names).
     """
+    untraced, tied = list(untraced), tied or {}
     modules = dict(part.module.named_modules())
     calls = module_calls(part.graph)
     found = []
     for node in part.graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], _CONV_MODULES):
             name = part.qualify(node.target)
-            call = ConvCall(name, modules[node.target], calls[node.target], tuple(shared.get(name, ())))
+            call = ConvCall(name, modules[node.target], calls[node.target], tuple(shared.get(name, ())),
+                            conv_use=_other_use(part, node.target, untraced, tied))
         elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS and node in part.live:
             call = ConvCall(f"{_enclosing(node, part)}:{node.name}", None, function=_FUNCTIONAL_CONVS[node.target])
         else:
             continue
-        _consumer(call, node, part, modules, calls, shared)
+        _consumer(call, node, part, modules, calls, shared, untraced, tied)
         found.append(call)
     return found

@@ -14,16 +14,24 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from typing import Iterable, List, Optional, Sequence, Set, Tuple, Type
+import functools
+import inspect
+import operator
+from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 
+import torch
 import torch.fx as fx
 import torch.nn as nn
 
 from ..layers.hooks import hooks_of
 from ..layers.norms import is_batch_norm
+from .untraced_reach import Reach, reach_of
 
 __all__ = ["AcfxTracer", "TracedPart", "UntracedPart", "trace_parts", "live_nodes", "module_calls",
-           "shared_module_names"]
+           "shared_module_names", "tied_tensor_names", "mutates"]
+
+# (number of positional arguments, keyword names) of one module call.
+CallForm = Tuple[int, Tuple[str, ...]]
 
 
 def _timm_leaves() -> Tuple[Tuple[type, ...], Tuple]:
@@ -57,6 +65,8 @@ class AcfxTracer(fx.Tracer):
         # Traced through even when timm or the user names them as leaves.
         self.opaque_types = tuple(opaque_types)
         self.observed: Set[fx.Node] = set()
+        # How each module (qualified name) was called, leaves and traced-through modules alike.
+        self.call_forms: Dict[str, List[CallForm]] = {}
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.opaque_types and isinstance(m, self.opaque_types):
@@ -66,6 +76,12 @@ class AcfxTracer(fx.Tracer):
         return super().is_leaf_module(m, module_qualified_name)
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
+        try:
+            path = self.path_of_module(m)
+        except NameError:  # a module outside the traced hierarchy
+            path = None
+        if path is not None:
+            self.call_forms.setdefault(path, []).append((len(args), tuple(sorted(kwargs))))
         hooks = hooks_of(m)
         if not (hooks.forward_pre or hooks.forward):
             return super().call_module(m, forward, args, kwargs)
@@ -85,6 +101,10 @@ class TracedPart:
     graph: fx.Graph
     # Nodes that hooks would observe: used, even where nothing in the graph uses them.
     observed: Set[fx.Node] = dataclasses.field(default_factory=set)
+    # How each module (name relative to the part) was called.
+    call_forms: Dict[str, List[CallForm]] = dataclasses.field(default_factory=dict)
+    # Tensors the forward computed outside the graph and uses as constants (e.g. a view of a BN buffer).
+    constants: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     _live: Optional[Set[fx.Node]] = dataclasses.field(default=None, repr=False)
 
     def qualify(self, target: str) -> str:
@@ -95,10 +115,34 @@ class TracedPart:
 
     @property
     def live(self) -> Set[fx.Node]:
-        """Nodes the output (or a hook) depends on, computed once."""
+        """Nodes the output, a hook or an in-place operation depends on, computed once."""
         if self._live is None:
-            self._live = live_nodes(self.graph, self.observed)
+            modules = dict(self.module.named_modules())
+            mutating = {n for n in self.graph.nodes if mutates(n, modules)}
+            self._live = live_nodes(self.graph, self.observed | mutating)
         return self._live
+
+    def call_form_reason(self, target: str) -> Optional[str]:
+        """Why the module ``target`` (relative to the part) is not called as ``module(x)`` (None: it is)."""
+        for count, keywords in self.call_forms.get(target, ()):
+            if keywords:
+                return f"called with keyword arguments {list(keywords)}; acfx rewrites calls of the form module(x)"
+            if count != 1:
+                return f"called with {count} positional arguments; acfx rewrites calls of the form module(x)"
+        return None
+
+    def attribute_reason(self, target: str) -> Optional[str]:
+        """Why code of the part reads the parameters or buffers of module ``target`` directly (None: it does not)."""
+        prefix = f"{target}."
+        read = sorted({n.target for n in self.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)})
+        if read:
+            return (f"the forward reads {self.qualify(read[0])} directly, which the rewritten module does not hold "
+                    "under that name")
+        module = self.module.get_submodule(target)
+        own = {_storage(t) for t in list(module.parameters()) + list(module.buffers())} - {None}
+        if any(_storage(t) in own for t in self.constants.values()):
+            return "the forward reads a parameter or buffer of it directly, which the rewritten module does not hold"
+        return None
 
 
 @dataclasses.dataclass
@@ -107,6 +151,8 @@ class UntracedPart:
 
     name: str
     error: str
+    # What its code may reach below its children (untraced_reach).
+    reach: Reach = Reach(frozenset(), frozenset())
 
 
 def _first_line(error: BaseException) -> str:
@@ -144,12 +190,14 @@ class _RestoreState:
                 module.__dict__.update(state)
 
 
-def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = ()
+def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), training: Optional[bool] = None
                 ) -> Tuple[List[TracedPart], List[UntracedPart]]:
     """Trace ``root``; where a module does not trace, trace its children instead, recursively.
 
     ``make_tracer()`` returns a fresh tracer per attempt. Modules of a ``skip`` type are not descended into.
-    The graphs are of a skeleton copy of ``root``; the parts name ``root``'s own modules.
+    ``training``: the mode to trace in (fx records one path of a forward that branches on self.training);
+    None for the model's own. The graphs are of a skeleton copy of ``root``; the parts name ``root``'s own
+    modules, whose mode is left as it was.
     """
     traced: List[TracedPart] = []
     untraced: List[UntracedPart] = []
@@ -160,21 +208,86 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = ()
     def visit(name: str, module: nn.Module) -> None:
         tracer = make_tracer()
         try:
+            if "forward" in module.__dict__:  # fx would trace the class's forward, not the one that runs
+                raise _NotTraceable("its forward is replaced on the instance; fx traces the class's forward")
             graph = tracer.trace(module)
         except Exception as error:  # any failure of symbolic tracing means: try the children
-            untraced.append(UntracedPart(name, _first_line(error)))
+            untraced.append(UntracedPart(name, _first_line(error), reach_of(real[name])))
             for child_name, child in module.named_children():
                 if not isinstance(child, skip) and not tracer.is_leaf_module(child, child_name):
                     visit(f"{name}.{child_name}" if name else child_name, child)
             return
-        traced.append(TracedPart(name, real[name], graph, set(tracer.observed)))
+        constants = {n.target: getattr(tracer.root, n.target) for n in graph.nodes
+                     if n.op == "get_attr" and n.target.startswith("_tensor_constant")}
+        traced.append(TracedPart(name, real[name], graph, set(tracer.observed), dict(tracer.call_forms),
+                                 {k: v for k, v in constants.items() if isinstance(v, torch.Tensor)}))
 
-    if copied is not None:
+    with _RestoreState(root) if copied is None else _NoRestore():
+        if training is not None:
+            subject.train(training)
         visit("", subject)
-    else:
-        with _RestoreState(root):
-            visit("", subject)
     return traced, untraced
+
+
+def _storage(tensor: torch.Tensor) -> Optional[int]:
+    """Where a tensor's data lives (None on the meta device, where nothing does)."""
+    if tensor.device.type == "meta":
+        return None
+    try:
+        return tensor.untyped_storage().data_ptr() or None
+    except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
+        return None
+
+
+class _NotTraceable(Exception):
+    pass
+
+
+class _NoRestore:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *exc) -> None:
+        return None
+
+
+_INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,
+                      operator.ifloordiv, operator.imod, operator.ipow, operator.iand, operator.ior, operator.ixor,
+                      operator.ilshift, operator.irshift, operator.imatmul}
+
+
+@functools.lru_cache(maxsize=None)
+def _signature_with_inplace(function) -> Optional[inspect.Signature]:
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):
+        return None
+    return signature if "inplace" in signature.parameters else None
+
+
+def _inplace_flag(node: fx.Node) -> bool:
+    if node.kwargs.get("inplace") is True:
+        return True
+    try:
+        signature = _signature_with_inplace(node.target)
+        bound = signature.bind_partial(*node.args, **node.kwargs) if signature is not None else None
+    except TypeError:  # unhashable target, or arguments the signature does not take
+        return False
+    return bound is not None and bound.arguments.get("inplace") is True
+
+
+def mutates(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
+    """Whether ``node`` writes into a tensor in place (its effect counts even where its result is unused)."""
+    if node.op == "call_method":
+        return node.target.endswith("_") and not node.target.startswith("_")
+    if node.op == "call_function":
+        if node.target in _INPLACE_OPERATORS:
+            return True
+        name = getattr(node.target, "__name__", "")
+        return (name.endswith("_") and not name.startswith("_")) or _inplace_flag(node)
+    if node.op == "call_module":
+        return getattr(modules.get(node.target), "inplace", False) is True
+    return False
 
 
 def live_nodes(graph: fx.Graph, roots: Iterable[fx.Node] = ()) -> Set[fx.Node]:
@@ -197,6 +310,21 @@ def module_calls(graph: fx.Graph) -> dict:
         if node.op == "call_module":
             counts[node.target] = counts.get(node.target, 0) + 1
     return counts
+
+
+def tied_tensor_names(root: nn.Module) -> Dict[str, List[str]]:
+    """Modules holding a parameter or buffer that another module holds too (tied weights): qualified name ->
+    the names of the other holders."""
+    holders: Dict[int, List[str]] = {}
+    for name, module in root.named_modules():
+        for tensor in list(module._parameters.values()) + list(module._buffers.values()):
+            if tensor is not None:
+                holders.setdefault(id(tensor), []).append(name)
+    tied: Dict[str, List[str]] = {}
+    for names in holders.values():
+        for name in set(names) if len(set(names)) > 1 else ():
+            tied.setdefault(name, []).extend(other for other in names if other != name and other not in tied[name])
+    return tied
 
 
 def shared_module_names(root: nn.Module) -> dict:

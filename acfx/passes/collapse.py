@@ -103,8 +103,7 @@ def collapse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False,
     try:
         result = _collapse_blocks(swaps, leaves, state)
         if fold_bn:
-            result = fold_norms(swaps, collapse_tracer(leaves), state.report, state.hooked)
-            state.restored_training.clear()  # the restored BNs are folded away
+            result = fold_norms(swaps, collapse_tracer(leaves), state.report, state.hooked, state.in_train_mode)
     except BaseException:
         swaps.undo()
         raise
@@ -112,7 +111,7 @@ def collapse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False,
         restore_cfg(module)
     if not any(isinstance(m, (ACBlock, NormTail, OnlineACConv)) for m in result.modules()):
         remove_guards(result)
-    _warn_train_mode(state.restored_training)
+    _warn_train_mode(state.in_train_mode)
     warn_hook_skips("collapse", state.hooked)
     logger.info("%s", state.report.summary())
     return (result, state.report) if return_report else result
@@ -125,8 +124,8 @@ class _State:
     report: Report
     # Sites left as they are because of hooks (one warning).
     hooked: List[str] = dataclasses.field(default_factory=list)
-    # Blocks whose restored BN is in train mode (one warning).
-    restored_training: List[str] = dataclasses.field(default_factory=list)
+    # Fused blocks in train mode, or holding or followed by a BN in train mode (one warning).
+    in_train_mode: List[str] = dataclasses.field(default_factory=list)
     # acfx modules fused (their timm cfg links are pointed back once swapped).
     fused: List[nn.Module] = dataclasses.field(default_factory=list)
 
@@ -139,27 +138,30 @@ def _refuse_meta(model: nn.Module) -> None:
                          "trained weights first (model.to_empty(device=...); model.load_state_dict(...))")
 
 
-def _warn_train_mode(restored_training: Sequence[str]) -> None:
-    if restored_training:
-        names = ", ".join(restored_training[:3]) + (", ..." if len(restored_training) > 3 else "")
+def _warn_train_mode(in_train_mode: Sequence[str]) -> None:
+    if in_train_mode:
+        names = ", ".join(in_train_mode[:3]) + (", ..." if len(in_train_mode) > 3 else "")
         warnings.warn(
-            f"acfx.collapse: the model is in train mode; the BatchNorms put back after {len(restored_training)} "
-            f"fused block(s) ({names}) hold the fused shift as running statistics, which a BatchNorm in train "
-            "mode ignores (it normalises with batch statistics), so in train mode the collapsed model computes "
-            "another function. Call .eval() on the model before collapsing it (acfx.collapse(model.eval())) "
+            f"acfx.collapse: the model is in train mode at {len(in_train_mode)} fused block(s) ({names}). Collapse "
+            "fuses what a block computes in eval mode, from its BatchNorms' running statistics; a BatchNorm in "
+            "train mode normalises with batch statistics instead (and one put back after a fused ACBlock holds the "
+            "fused shift as running statistics, which it then ignores), so the collapsed model computes another "
+            "function in train mode. Call .eval() on the model before collapsing it (acfx.collapse(model.eval())) "
             "and deploy it in eval mode.", UserWarning, stacklevel=3)
 
 
 def _collapse_blocks(swaps: ModuleSwaps, leaves: Tuple[type, ...], state: _State) -> nn.Module:
     """Fuse every block: hand-written ones from the graph, acfx's own from themselves; all or nothing."""
     root = swaps.root
-    parts, untraced = trace_parts(root, collapse_tracer(leaves))
+    # The eval path: what is fused is what the blocks compute in eval mode.
+    parts, untraced = trace_parts(root, collapse_tracer(leaves), training=False)
     for part in untraced:
         state.report.add(part.name, "untraced", "module", f"{part.error}; traced its children instead")
     replacements: Dict[str, nn.Module] = {}
     checked: Set[str] = set()
     for part in parts:
-        replacements.update(collapse_matches(part, state.report, checked, state.hooked))
+        replacements.update(collapse_matches(part, untraced, state.report, checked, state.hooked,
+                                             state.in_train_mode))
     for own in fuse_own(root):
         if own.skip:
             state.hooked.append(own.name)
@@ -167,8 +169,8 @@ def _collapse_blocks(swaps: ModuleSwaps, leaves: Tuple[type, ...], state: _State
             continue
         replacements.update(own.replacements)
         state.fused.append(own.module)
-        if own.restored_training:
-            state.restored_training.append(own.name)
+        if own.in_train_mode:
+            state.in_train_mode.append(own.name)
         notes = [] if own.name in checked or isinstance(own.module, OnlineACConv) else \
             ["not in a traced part of the model: fused from its recorded layout"]
         if own.gained_bias:

@@ -6,7 +6,7 @@ other sum is reported with the reason it stays.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch.nn as nn
 
@@ -15,7 +15,8 @@ from ..layers.fusion import Term
 from ..layers.hooks import carry_hooks, hook_reason, hooks_of
 from ..matching.find_branch_sums import BranchSum, find_branch_sums
 from ..matching.scope import Scope, ScopeIndex
-from ..matching.tracing import TracedPart
+from ..matching.tracing import TracedPart, UntracedPart, module_calls
+from ..matching.untraced_reach import reach_reason
 from .fuse_hand_written import FusionPlan, fuse_plan
 from .report import Report
 
@@ -64,12 +65,41 @@ def _check_own_layout(block: ACBlock, match: BranchSum, name: str) -> None:
                              "please report it")
 
 
-def collapse_matches(part: TracedPart, report: Report, checked: Set[str], hooked: List[str]
-                     ) -> Dict[str, nn.Module]:
+def _outside_use(match: BranchSum, scope: Scope, part: TracedPart, untraced: Sequence[UntracedPart],
+                 calls: Dict[str, int]) -> Optional[str]:
+    """Why the block, or a module inside it, is used other than by the block's calls module(x)."""
+    reach = [(u.name, u.reach) for u in untraced]
+    block_calls = len(part.call_forms.get(scope.module, ())) if scope.module else 1
+    reason = (part.call_form_reason(scope.module) if scope.module else None) or \
+        reach_reason(part.qualify(scope.module), part.module.get_submodule(scope.module), reach)
+    if reason:
+        return f"the block is {reason}" if reason.startswith("called") else reason
+    for node in sorted(match.nodes, key=lambda n: n.name):
+        if node.op != "call_module":
+            continue
+        name = part.qualify(node.target)
+        if calls[node.target] != block_calls:
+            return f"{name} is also called outside the block; fusing it away would break that call"
+        reason = (part.call_form_reason(node.target) or part.attribute_reason(node.target)
+                  or reach_reason(name, part.module.get_submodule(node.target), reach))
+        if reason:
+            return f"{name}: {reason}"
+    return None
+
+
+def _in_train_mode(match: BranchSum, block: nn.Module, modules: Dict[str, nn.Module]) -> bool:
+    """The block or a module of the match is in train mode: its eval function is what gets fused."""
+    return block.training or any(modules[n.target].training for n in match.nodes if n.op == "call_module")
+
+
+def collapse_matches(part: TracedPart, untraced: Sequence[UntracedPart], report: Report, checked: Set[str],
+                     hooked: List[str], in_train_mode: List[str]) -> Dict[str, nn.Module]:
     """Replacements for the fusable hand-written blocks of one traced part; every other match reported
-    (``hooked``: names left because of hooks), ACBlocks checked (their names added to ``checked``)."""
+    (``hooked``: names left because of hooks; ``in_train_mode``: fused blocks in train mode), ACBlocks
+    checked (their names added to ``checked``)."""
     modules = dict(part.module.named_modules())
     index = ScopeIndex(part.live, modules)
+    calls = module_calls(part.graph)
     out: Dict[str, nn.Module] = {}
     for match in find_branch_sums(part.graph, modules, part.live):
         scope = index.locate(match)
@@ -83,7 +113,7 @@ def collapse_matches(part: TracedPart, report: Report, checked: Set[str], hooked
             continue  # the same module called again: already fused
         hook = _inner_hooks(match, part, modules) or hook_reason(block, "the block", carries_pre=True,
                                                                  carries_forward=True)
-        reason = match.reason or scope.reason or hook
+        reason = match.reason or scope.reason or hook or _outside_use(match, scope, part, untraced, calls)
         fused = None
         if not reason:
             fused, reason = fuse_plan(_plan(match, scope, part, block.training))
@@ -94,6 +124,8 @@ def collapse_matches(part: TracedPart, report: Report, checked: Set[str], hooked
             continue
         carry_hooks(block, fused.conv, forward_pre=True, forward=True)  # same input, same output
         out[name] = fused.conv
+        if _in_train_mode(match, block, modules):
+            in_train_mode.append(name)
         notes = [f"{type(block).__name__} replaced by one {type(fused.conv).__name__}"]
         if fused.gained_bias:
             notes.append("the conv gained a bias (no BN slot after the block to hold the shift)")

@@ -10,15 +10,15 @@ from .arguments import check_flags, check_model, refuse_wrapped, working_copy
 from ..layers.block import ACBlock, NormTail
 from .build_block import build_site
 from ..layers.cfg_links import point_cfg_at
-from ..layers.hooks import carry_hooks, warn_hook_skips
+from ..layers.hooks import carry_output_hooks, warn_hook_skips
 from ..layers.online import OnlineACConv
 from .options import ExpandOptions, FilterFn
-from .policies import expand_verdict
+from .policies import Verdict, expand_verdict
 from .reparam_guard import guard_foreign_reparam
 from .report import Report
 from .swap_modules import ModuleSwaps
 from ..matching.find_sites import ConvCall, find_conv_calls
-from ..matching.tracing import AcfxTracer, shared_module_names, trace_parts
+from ..matching.tracing import AcfxTracer, shared_module_names, tied_tensor_names, trace_parts
 
 __all__ = ["expand"]
 
@@ -118,15 +118,16 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
     target = working_copy(model, inplace, "expand")
     tracer = lambda: AcfxTracer(leaf_types=(ACBlock, NormTail, OnlineACConv) + opts.leaf_modules)  # noqa: E731
     parts, untraced = trace_parts(target, tracer)
-    shared = shared_module_names(target)
+    shared, tied = shared_module_names(target), tied_tensor_names(target)
+    other = _OtherMode(target, tracer, shared, tied, opts.include_unnormed)
     report = Report("expand")
     for part in untraced:
         report.add(part.name, "untraced", "module", f"{part.error}; traced its children instead")
     replacements: Dict[str, nn.Module] = {}
     hooked: List[str] = []
     for part in parts:
-        for call in find_conv_calls(part, shared):
-            replacements.update(_rewrite_site(call, opts, report, hooked))
+        for call in find_conv_calls(part, shared, untraced, tied):
+            replacements.update(_rewrite_site(call, opts, report, hooked, other))
     swaps = ModuleSwaps(target)
     try:
         result = swaps.apply(replacements)
@@ -142,9 +143,48 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
     return (result, report) if return_report else result
 
 
-def _rewrite_site(call: ConvCall, opts: ExpandOptions, report: Report, hooked: List[str]) -> Dict[str, nn.Module]:
+class _OtherMode:
+    """The sites as the forward of the other mode (eval when the model is in train mode, and vice versa)
+    shows them: fx records one path of a forward that branches on self.training, and a site must be a
+    site on both paths (or absent from the other one) to be rewritten."""
+
+    def __init__(self, target: nn.Module, tracer, shared: Dict[str, list], tied: Dict[str, List[str]],
+                 include_unnormed: bool) -> None:
+        self.mode = "eval" if target.training else "train"
+        parts, untraced = trace_parts(target, tracer, training=not target.training)
+        self.parts = [part.name for part in parts]
+        self.untraced = {part.name: part.error for part in untraced}
+        self.sites = {}
+        for part in parts:
+            for call in find_conv_calls(part, shared, untraced, tied):
+                verdict = expand_verdict(call, None, include_unnormed)
+                self.sites[call.name] = (verdict, call.norm_name if verdict.no_norm is None else None)
+
+    def reason(self, call: ConvCall, norm_name: Optional[str]) -> Optional[str]:
+        """Why ``call``, rewritten in the model's own mode with the BN ``norm_name``, cannot be in the other."""
+        if call.name in self.sites:
+            verdict, other_norm = self.sites[call.name]
+            if verdict.skip:
+                return f"in {self.mode} mode the forward takes another path here: {verdict.skip}"
+            if other_norm != norm_name:
+                return (f"in {self.mode} mode the forward takes another path here: the conv's output goes to "
+                        f"{other_norm or 'no BatchNorm'}, not {norm_name or 'no BatchNorm'}")
+            return None
+        if any(call.name.startswith(f"{part}.") or not part for part in self.parts):
+            return None  # traced in the other mode and not called there: the rewrite is never seen in it
+        owner = max((name for name in self.untraced if not name or call.name.startswith(f"{name}.")), key=len,
+                    default="")
+        return f"in {self.mode} mode '{owner or '<model>'}' does not trace ({self.untraced.get(owner, '')})"
+
+
+def _rewrite_site(call: ConvCall, opts: ExpandOptions, report: Report, hooked: List[str], other: _OtherMode
+                  ) -> Dict[str, nn.Module]:
     """The replacements for one conv call (none if it is skipped), recorded in ``report``."""
     verdict = expand_verdict(call, opts.filter_fn, opts.include_unnormed)
+    if not verdict.skip:
+        mode_reason = other.reason(call, call.norm_name if verdict.no_norm is None else None)
+        if mode_reason:
+            verdict = Verdict(mode_reason)
     if verdict.hooked:
         hooked.append(call.name)
     if verdict.skip:
@@ -160,7 +200,8 @@ def _rewrite_site(call: ConvCall, opts: ExpandOptions, report: Report, hooked: L
             "; collapse adds a conv bias" if changes else "")
     replacements: Dict[str, nn.Module] = {call.name: built.block}
     if built.tail is not None:
-        carry_hooks(norm, built.tail, forward=True)  # the tail returns what the BN returned
+        # The tail returns what the BN returned.
+        carry_output_hooks(norm, built.tail, f"{type(norm).__name__} '{call.norm_name}'")
         replacements[call.norm_name] = built.tail
     report.add(call.name, "expanded", call.what.replace(" → no BN", "") if norm is None else call.what,
                detail, changes)

@@ -8,13 +8,13 @@ import torch.nn as nn
 
 from ..layers.module_copies import refill_conv
 from ..layers.fusion import Term, combine
-from ..layers.hooks import carry_hooks
+from ..layers.hooks import carry_hooks, carry_output_hooks
 from ..layers.norms import tail_children
 from .policies import fold_verdict
 from .report import Report
 from .swap_modules import ModuleSwaps
 from ..matching.find_sites import ConvCall, find_conv_calls
-from ..matching.tracing import shared_module_names, trace_parts
+from ..matching.tracing import shared_module_names, tied_tensor_names, trace_parts
 
 __all__ = ["fold_norms", "fold_site"]
 
@@ -36,18 +36,20 @@ def fold_site(call: ConvCall) -> Dict[str, nn.Module]:
     folded = refill_conv(conv, weight.to(dtype), bias.to(dtype))
     slot = _empty_slot(call.norm)
     carry_hooks(conv, folded, forward_pre=True)  # the folded conv reads the same input
-    carry_hooks(call.norm, slot, forward=True)  # the slot returns what the BN returned
+    # The slot returns what the BN returned.
+    carry_output_hooks(call.norm, slot, f"{type(call.norm).__name__} '{call.norm_name}'")
     return {call.name: folded, call.norm_name: slot}
 
 
-def fold_norms(swaps: ModuleSwaps, make_tracer, report: Report, hooked: List[str]) -> nn.Module:
+def fold_norms(swaps: ModuleSwaps, make_tracer, report: Report, hooked: List[str], in_train_mode: List[str]
+               ) -> nn.Module:
     """Fold every conv→BN pair of ``swaps.root`` (all or nothing); each one recorded in ``report``, the
-    ones left because of hooks in ``hooked``."""
-    parts, _ = trace_parts(swaps.root, make_tracer)
-    shared = shared_module_names(swaps.root)
+    ones left because of hooks in ``hooked``, BNs folded while in train mode in ``in_train_mode``."""
+    parts, untraced = trace_parts(swaps.root, make_tracer, training=False)  # what is folded is the eval path
+    shared, tied = shared_module_names(swaps.root), tied_tensor_names(swaps.root)
     replacements: Dict[str, nn.Module] = {}
     for part in parts:
-        for call in find_conv_calls(part, shared):
+        for call in find_conv_calls(part, shared, untraced, tied):
             if call.norm is None and not call.functional_norm:
                 continue  # no BN to fold: not a fold site
             verdict = fold_verdict(call)
@@ -57,5 +59,7 @@ def fold_norms(swaps: ModuleSwaps, make_tracer, report: Report, hooked: List[str
                 report.add(call.name, "skipped", f"{call.what} (fold_bn)", verdict.skip)
                 continue
             replacements.update(fold_site(call))
+            if call.norm.training:
+                in_train_mode.append(call.norm_name)
             report.add(call.name, "folded", f"{call.what} → conv with bias")
     return swaps.apply(replacements)

@@ -28,8 +28,9 @@ class OwnFusion:
     replacements: Dict[str, nn.Module] = dataclasses.field(default_factory=dict)
     # Why the module stays as it is (a hook inside a block); None when fused.
     skip: Optional[str] = None
-    # The restored BN is in train mode (collapse warns: it would normalise with batch statistics).
-    restored_training: bool = False
+    # The block, a BN in it or the BN restored after it is in train mode (collapse warns: what is fused is the
+    # eval function, and a BN in train mode normalises with batch statistics).
+    in_train_mode: bool = False
     # The conv carries the shift as a bias it did not have (no NormTail to put a BN back in).
     gained_bias: bool = False
 
@@ -54,7 +55,7 @@ def _fuse_block(name: str, block: ACBlock, names: Dict[int, str]) -> OwnFusion:
     if norm is not None:
         carry_hooks(tail, norm, forward_pre=True, forward=True)
         found.replacements[tail_name] = norm
-        found.restored_training = norm.training
+    found.in_train_mode = any(m.training for m in block.modules()) or (norm is not None and norm.training)
     found.gained_bias = conv.bias is not None and block.square.bias is None
     return found
 

@@ -44,6 +44,8 @@ def _conv_reason(call: ConvCall) -> Optional[str]:
         return f"module called {call.calls} times (one weight shared by several call sites)"
     if call.aliases:
         return f"module registered under several names {list(call.aliases)}"
+    if call.conv_use:
+        return call.conv_use
     if conv_window(call.conv) is None and isinstance(call.conv.padding, str) and call.conv.padding not in ("same", "valid"):
         return f"padding={call.conv.padding!r} cannot be resolved"
     return None
@@ -59,6 +61,8 @@ def _norm_reason(call: ConvCall) -> Optional[str]:
         return f"BatchNorm registered under several names {list(call.norm_aliases)}"
     if call.norm_inputs != 1:
         return "BatchNorm called with more than one tensor input"
+    if call.norm_use:
+        return f"BatchNorm {call.norm_name}: {call.norm_use}"
     return None
 
 

@@ -9,6 +9,7 @@ conv and BN, then runs the module's own method, which then sees what it would se
 """
 from __future__ import annotations
 
+import inspect
 from typing import Dict, Iterable, List
 
 import torch.nn as nn
@@ -42,10 +43,23 @@ class CollapseFirst:
         return f"<acfx: fuse acfx blocks, then {type(self.module).__name__}.{self.method}>"
 
 
+def _takes_no_arguments(method) -> bool:
+    """A re-parameterisation method is called bare (``module.fuse()``); a method of that name that needs
+    arguments is something else (a helper its forward calls) and keeps running as written."""
+    try:
+        inspect.signature(method).bind(None)  # unbound: ``self`` only
+    except TypeError:
+        return False
+    except ValueError:  # no signature to read: a builtin, not a Python re-parameterisation method
+        return False
+    return True
+
+
 def _guardable(module: nn.Module) -> List[str]:
     if isinstance(module, _OWN):
         return []
-    return [name for name in REPARAM_METHODS if callable(getattr(type(module), name, None))]
+    return [name for name in REPARAM_METHODS
+            if callable(getattr(type(module), name, None)) and _takes_no_arguments(getattr(type(module), name))]
 
 
 def guard_foreign_reparam(root: nn.Module, replaced: Iterable[str]) -> None:
