@@ -89,3 +89,19 @@ def test_write_then_read_round_trip(tmp_path):
         write_state_dict(state, tmp_path / name)
         read = read_state_dict(tmp_path / name)
         assert read.keys() == state.keys() and all(torch.equal(read[k], state[k]) for k in state)
+
+
+@pytest.mark.parametrize("assign", [False, True])
+def test_expanded_on_the_meta_device_then_materialised_loads_its_checkpoint(assign):
+    # Large models are built on the meta device; to_empty leaves uninitialised memory, which must not
+    # become the recorded layout (a checkpoint of the same options would then be refused).
+    import torch.nn as nn
+    make = lambda: nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))  # noqa: E731
+    state = acfx.expand(make(), placement="border").state_dict()
+    with torch.device("meta"):
+        expanded = acfx.expand(make(), placement="border")
+    if not assign:
+        expanded.to_empty(device="cpu")
+    expanded.load_state_dict(state, assign=assign)
+    assert torch.equal(expanded[0].layout, state["0.layout"])
+    assert torch.equal(expanded.state_dict()["0.layout"], state["0.layout"])

@@ -130,3 +130,14 @@ def test_under_torch_compile_matches_eager(impl):
     assert_rel_close(grads[1], grads[0], what=f"compiled {impl} gradients")
     for name, buffer in eager.named_buffers():
         assert_rel_close(compiled_copy.get_buffer(name).float(), buffer.float(), what=f"{name} after one step")
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_momentum_none_with_a_pretrained_bn_counts_each_branch_apart(impl):
+    # preserve init from a BN that has counted batches: the new branch BNs start their own count, so with
+    # momentum=None each branch averages with its own factor (1/n), as its nn.BatchNorm2d would.
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16, momentum=None))
+    model[1].num_batches_tracked.fill_(100)
+    reference, other = pair(impl, randomize_bn(model).double(), init="preserve")
+    _train_and_compare(reference, other, torch.randn(4, 8, 12, 12, dtype=torch.float64), f"{impl}: momentum=None")

@@ -265,10 +265,12 @@ def test_collapse_of_a_model_in_train_mode_warns_with_the_fix():
     with pytest.warns(UserWarning, match=r"train mode.*acfx.collapse\(model.eval\(\)\)"):
         collapsed = acfx.collapse(expanded)
     assert collapsed.training
+    with pytest.warns(UserWarning, match=r"train mode"):  # folded BNs in train mode: the eval function is fused
+        acfx.collapse(expanded.train(), fold_bn=True)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         acfx.collapse(expanded.eval())
-        acfx.collapse(expanded.train(), fold_bn=True)  # no BN is put back: nothing to warn about
+        acfx.collapse(expanded.eval(), fold_bn=True)
 
 
 # -- other convolutions ---------------------------------------------------------------------------------------
@@ -368,3 +370,52 @@ def test_fasterrcnn_trains_as_an_acnet_and_collapses_to_the_same_detections():
             assert_rel_close(a["scores"], b["scores"], tol, what=f"scores {dtype}")
     fresh = acfx.unfreeze_batch_norm(_detector())
     fresh.load_state_dict(collapsed.float().state_dict(), strict=True)
+
+
+def test_a_carried_bn_hook_that_reads_its_input_gets_a_clear_error():
+    # The BN's input (the pre-normalisation sum) does not exist once each branch has its own BN.
+    model = _two_sites()
+    model[1].register_forward_hook(lambda module, args, out: out + args[0])
+    expanded = acfx.expand(model).eval()
+    with pytest.raises(RuntimeError, match=r"BatchNorm2d '1'.*input no longer exists"):
+        expanded(torch.randn(2, 3, 8, 8))
+    assert len(acfx.collapse(expanded)[1]._forward_hooks) == 1  # back on a BN: its input is real again
+
+
+def test_a_hook_handle_still_removes_the_carried_hook_and_collapse_does_not_bring_it_back():
+    model = _two_sites()
+    handle = model[1].register_forward_hook(lambda module, args, out: out * 2)
+    expanded = acfx.expand(model, inplace=True).eval()
+    assert len(expanded[1]._forward_hooks) == 1
+    handle.remove()
+    assert not expanded[1]._forward_hooks, "the user's handle no longer removes the hook it returned"
+    x = torch.randn(2, 3, 8, 8)
+    randomize_bn(expanded, seed=3)
+    with torch.no_grad():
+        y = expanded(x)
+        collapsed = acfx.collapse(expanded)
+        assert not collapsed[1]._forward_hooks
+        assert_rel_close(collapsed(x), y)
+
+
+def test_unfreeze_leaves_frozen_bns_it_cannot_reproduce_with_a_warning():
+    from torchvision.ops.misc import FrozenBatchNorm2d
+
+    class ClampedFrozen(FrozenBatchNorm2d):
+        def forward(self, x):
+            return super().forward(x).clamp(min=-1.0)
+
+    x = torch.randn(2, 3, 8, 8)
+    for make in (lambda: ClampedFrozen(8), lambda: FrozenBatchNorm2d(8)):
+        model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), make())
+        with torch.no_grad():
+            model[1].running_mean.uniform_(-1, 1)
+        if type(model[1]) is FrozenBatchNorm2d:
+            model[1].register_forward_hook(lambda module, args, out: out * 3)
+        with torch.no_grad():
+            y = model(x)
+        with pytest.warns(UserWarning, match="left frozen"):
+            unfrozen = acfx.unfreeze_batch_norm(model)
+        assert isinstance(unfrozen[1], FrozenBatchNorm2d)
+        with torch.no_grad():
+            assert_rel_close(unfrozen(x), y)

@@ -1,0 +1,398 @@
+"""Uses of a module that the traced graph does not show, written the way users write them.
+
+A rewrite is exact only if every use of the rewritten modules is known. Each model here uses a conv or a
+BN in a way the first graph acfx read did not show (code that does not trace reaching into a child, a
+keyword call, a read of its weight, an in-place op whose result is unused, a weight tied to another
+module, a path only one mode takes, a method replaced on the instance, a state the module's kind does not
+have). Each must be exact or left alone with its reason; each was silently wrong (or broke the model)
+before.
+"""
+import warnings
+
+import pytest
+import torch
+import torch.nn as nn
+
+import acfx
+from helpers import assert_rel_close, randomize_bn
+
+C = 8
+
+
+def _site_reason(report, name):
+    entry = next(e for e in report.entries if e.name == name)
+    assert entry.action == "skipped", f"{name} was {entry.action}, expected skipped"
+    return entry.detail
+
+
+def _check_preserved(model, x, **kwargs):
+    """expand(init='preserve') keeps eval and train outputs; collapse keeps eval outputs. Returns the report."""
+    randomize_bn(model).eval()
+    y = model(x)
+    acnet, report = acfx.expand(model, init="preserve", return_report=True, **kwargs)
+    assert_rel_close(acnet.eval()(x), y, what="expanded (eval)")
+    randomize_bn(acnet, seed=1)
+    y = acnet(x)
+    assert_rel_close(acfx.collapse(acnet)(x), y, what="collapsed (eval)")
+    return report
+
+
+class Block(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(C, C, 3, padding=1, bias=False)
+        self.bn = nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return self.bn(self.conv(x))
+
+
+# -- code that does not trace, reaching into a child -------------------------------------------------------
+class UntracedParent(nn.Module):
+    """Data-dependent control flow at the top; the forward also calls a grandchild directly."""
+
+    def __init__(self, reach):
+        super().__init__()
+        self.stem = nn.Conv2d(3, C, 1)
+        self.blk = Block()
+        self.reach = reach
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.mean() > -100:
+            if self.reach == "named":
+                return self.blk(x) + self.blk.conv(x)
+            if self.reach == "getattr":
+                return self.blk(x) + getattr(self.blk, "bn")(x)
+            return self.blk(x)
+        return x
+
+
+class UntracedParentWithHelper(UntracedParent):
+    """The reach is in a method of the class that forward calls."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.blk(x) + self._side(x) if x.mean() > -100 else x
+
+    def _side(self, x):
+        return self.blk.bn(x)
+
+
+@pytest.mark.parametrize("reach", ["named", "getattr", "helper"])
+def test_untraced_code_reaching_into_a_child_leaves_the_site(reach):
+    torch.manual_seed(0)
+    model = UntracedParentWithHelper(reach) if reach == "helper" else UntracedParent(reach)
+    report = _check_preserved(model, torch.randn(2, 3, 8, 8))
+    assert "does not trace" in _site_reason(report, "blk.conv")
+
+
+class UntracedParentCallingWhole(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.blk = nn.Conv2d(3, C, 1), Block()
+
+    def forward(self, x):
+        x = self.stem(x)
+        return self.blk(x) if x.mean() > -100 else x
+
+
+def test_untraced_code_calling_children_whole_still_expands():
+    torch.manual_seed(0)
+    report = _check_preserved(UntracedParentCallingWhole(), torch.randn(2, 3, 8, 8))
+    assert [e.name for e in report.of("expanded")] == ["blk.conv"]
+
+
+class HeldInList(nn.Module):
+    """A module kept in a plain list (not registered twice) and called by code that does not trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.blk = Block()
+        self.taps = [self.blk.bn]
+
+    def forward(self, x):
+        if x.mean() > -100:
+            return self.blk(x) + self.taps[0](x)
+        return x
+
+
+def test_module_held_in_a_plain_attribute_of_untraced_code_leaves_the_site():
+    torch.manual_seed(0)
+    report = _check_preserved(HeldInList(), torch.randn(2, C, 8, 8))
+    assert "plain attribute" in _site_reason(report, "blk.conv")
+
+
+# -- calls the rewritten module would not take -------------------------------------------------------------
+class KeywordCalls(nn.Module):
+    def __init__(self, which):
+        super().__init__()
+        self.conv, self.bn, self.which = nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C), which
+
+    def forward(self, x):
+        if self.which == "conv":
+            return self.bn(self.conv(input=x))
+        return self.bn(input=self.conv(x))
+
+
+@pytest.mark.parametrize("which", ["conv", "bn"])
+def test_keyword_calls_leave_the_site(which):
+    torch.manual_seed(0)
+    report = _check_preserved(KeywordCalls(which), torch.randn(2, 3, 8, 8))
+    assert "keyword arguments" in _site_reason(report, "conv")
+
+
+class TwoBranch(nn.Module):
+    """A RepVGG-style block: 3×3 conv-BN plus 1×1 conv-BN, summed."""
+
+    def __init__(self):
+        super().__init__()
+        self.c3, self.b3 = nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C)
+        self.c1, self.b1 = nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C)
+
+    def forward(self, x, scale=None):
+        return self.b3(self.c3(x)) + self.b1(self.c1(x))
+
+
+class CallsBlockOddly(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.blk, self.how = TwoBranch(), how
+
+    def forward(self, x):
+        if self.how == "keyword":
+            return self.blk(x=x)
+        if self.how == "extra":
+            return self.blk(x, 2.0)
+        return self.blk(x) * self.blk.c1(x)  # a branch conv used outside the block too
+
+
+@pytest.mark.parametrize("how", ["keyword", "extra", "branch-outside"])
+def test_hand_written_block_used_otherwise_is_not_collapsed(how):
+    torch.manual_seed(0)
+    model = randomize_bn(CallsBlockOddly(how)).eval()
+    x = torch.randn(2, C, 8, 8)
+    y = model(x)
+    collapsed, report = acfx.collapse(model, return_report=True)
+    assert_rel_close(collapsed(x), y)
+    assert not report.of("collapsed"), report
+    assert report.of("skipped"), report
+
+
+class ReadsWeights(nn.Module):
+    def __init__(self, what):
+        super().__init__()
+        self.conv, self.bn, self.what = nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C), what
+
+    def forward(self, x):
+        y = self.bn(self.conv(x))
+        if self.what == "conv.weight":
+            return y * self.conv.weight.mean()
+        if self.what == "bn.weight":
+            return y + self.bn.weight.view(1, -1, 1, 1)
+        return y - self.bn.running_mean.view(1, -1, 1, 1)  # a view computed outside the graph
+
+
+@pytest.mark.parametrize("what", ["conv.weight", "bn.weight", "bn.running_mean"])
+def test_forward_reading_a_rewritten_modules_tensors_leaves_the_site(what):
+    torch.manual_seed(0)
+    report = _check_preserved(ReadsWeights(what), torch.randn(2, 3, 8, 8))
+    assert "reads" in _site_reason(report, "conv")
+
+
+# -- in-place operations whose result is unused ------------------------------------------------------------
+class InPlaceBetween(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.conv, self.bn, self.act, self.how = nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C), \
+            nn.ReLU(inplace=True), how
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "module":
+            self.act(y)
+        elif self.how == "method":
+            y.clamp_(min=-0.5)
+        elif self.how == "function":
+            torch.relu_(y)
+        else:
+            nn.functional.relu(y, True)  # inplace given positionally
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("how", ["module", "method", "function", "inplace-argument"])
+def test_in_place_op_between_conv_and_bn_leaves_the_site(how):
+    torch.manual_seed(0)
+    report = _check_preserved(InPlaceBetween(how), torch.randn(2, 3, 8, 8))
+    assert "used by 2 nodes" in _site_reason(report, "conv")
+
+
+class MutatingBlock(nn.Module):
+    """A RepVGG-style block that changes a branch, or its input between the branches, in place."""
+
+    def __init__(self, what):
+        super().__init__()
+        self.c3, self.b3 = nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C)
+        self.c1, self.b1 = nn.Conv2d(C, C, 1, bias=False), nn.BatchNorm2d(C)
+        self.what = what
+
+    def forward(self, x):
+        a = self.b3(self.c3(x))
+        if self.what == "branch":
+            a.relu_()
+        else:
+            x.mul_(2.0)
+        return a + self.b1(self.c1(x))
+
+
+class HoldsMutatingBlock(nn.Module):
+    def __init__(self, what):
+        super().__init__()
+        self.stem, self.blk = nn.Conv2d(3, C, 1), MutatingBlock(what)
+
+    def forward(self, x):
+        return self.blk(self.stem(x))
+
+
+@pytest.mark.parametrize("what", ["branch", "input"])
+def test_sum_changed_in_place_is_not_fused(what):
+    torch.manual_seed(0)
+    model = randomize_bn(HoldsMutatingBlock(what)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    y = model(x)
+    collapsed, report = acfx.collapse(model, return_report=True)
+    assert not report.of("collapsed"), report
+    assert_rel_close(collapsed(x), y)
+
+
+# -- tied tensors, state beyond a module's kind, replaced methods ------------------------------------------
+class Tied(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.c1, self.b1 = nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C)
+        self.c2, self.b2 = nn.Conv2d(C, C, 3, padding=1, bias=False), nn.BatchNorm2d(C)
+        self.c2.weight = self.c1.weight
+
+    def forward(self, x):
+        return self.b1(self.c1(x)) + self.b2(self.c2(torch.relu(x)))
+
+
+def test_tied_conv_weights_leave_both_sites():
+    torch.manual_seed(0)
+    report = _check_preserved(Tied(), torch.randn(2, C, 8, 8))
+    for name in ("c1", "c2"):
+        assert "tied" in _site_reason(report, name)
+
+
+def _with_extra(kind):
+    model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C))
+    if kind == "conv parameter":
+        model[0].alpha = nn.Parameter(torch.ones(1))
+    elif kind == "bn buffer":
+        model[1].register_buffer("ema_scale", torch.ones(C))
+    elif kind == "bn child":
+        model[1].act = nn.ReLU()
+    elif kind == "conv forward":
+        conv = model[0]
+        conv.forward = lambda x: nn.Conv2d.forward(conv, x) * 2.0
+    else:
+        bn = model[1]
+        bn.forward = lambda x: nn.BatchNorm2d.forward(bn, x).clamp(min=0)
+    return model
+
+
+@pytest.mark.parametrize("kind", ["conv parameter", "bn buffer", "bn child", "conv forward", "bn forward"])
+def test_modules_with_state_or_methods_beyond_their_kind_are_left(kind):
+    torch.manual_seed(0)
+    model = _with_extra(kind)
+    report = _check_preserved(model, torch.randn(2, 3, 8, 8))
+    assert _site_reason(report, "0")
+    folded, report = acfx.collapse(model, fold_bn=True, return_report=True)
+    assert not report.of("folded"), report
+
+
+@pytest.mark.skipif("bias" not in nn.BatchNorm2d.__init__.__code__.co_varnames,
+                    reason="this torch has no BatchNorm2d(bias=...)")
+def test_batch_norm_without_bias_is_left():
+    model = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C, bias=False))
+    report = _check_preserved(model, torch.randn(2, 3, 8, 8))
+    assert "bias=False" in _site_reason(report, "0")
+
+
+# -- one mode's path only ----------------------------------------------------------------------------------
+class EvalTap(nn.Module):
+    """In eval the conv's output is also returned (a feature tap): only the eval path shows the second use."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        y = self.conv(x)
+        out = self.bn(y)
+        return out if self.training else out + y
+
+
+class TrainOnlyHead(nn.Module):
+    """An auxiliary head used only in training (Inception-style): its site is rewritten."""
+
+    def __init__(self):
+        super().__init__()
+        self.main = Block()
+        self.aux = Block()
+
+    def forward(self, x):
+        y = self.main(x)
+        return y + self.aux(y) if self.training else y
+
+
+@pytest.mark.parametrize("mode", ["train", "eval"])
+def test_site_must_be_one_on_the_path_of_both_modes(mode):
+    torch.manual_seed(0)
+    model = EvalTap()
+    randomize_bn(model).train(mode == "train")
+    x = torch.randn(2, 3, 8, 8)
+    acnet, report = acfx.expand(model, init="preserve", return_report=True)
+    model.eval(), acnet.eval()
+    assert_rel_close(acnet(x), model(x))
+    assert "used by 2 nodes" in _site_reason(report, "conv")
+
+
+def test_module_called_in_one_mode_only_is_rewritten():
+    torch.manual_seed(0)
+    model = randomize_bn(TrainOnlyHead()).train()
+    acnet, report = acfx.expand(model, init="preserve", return_report=True)
+    assert sorted(e.name for e in report.of("expanded")) == ["aux.conv", "main.conv"]
+    x = torch.randn(2, C, 8, 8)
+    assert_rel_close(acnet.eval()(x), model.eval()(x))
+
+
+# -- a method that only shares a re-parameterisation method's name -----------------------------------------
+class HasFuseHelper(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.blk = Block()
+
+    def fuse(self, a, b):  # an ordinary helper that forward calls, not a re-parameterisation
+        return a + b
+
+    def forward(self, x):
+        return self.fuse(self.blk(x), x)
+
+
+def test_forward_helper_named_fuse_keeps_training_an_acnet():
+    acnet = acfx.expand(HasFuseHelper())
+    acnet.train()(torch.randn(2, C, 8, 8))
+    assert isinstance(acnet.blk.conv, acfx.ACBlock), "the helper collapsed the model during training"
+
+
+# -- collapse of modules in train mode ---------------------------------------------------------------------
+def test_collapse_warns_for_hand_written_blocks_and_bns_in_train_mode():
+    torch.manual_seed(0)
+    model = randomize_bn(TwoBranch()).eval()
+    model.b1.train()  # test-time adaptation: one BN normalising with batch statistics
+    with pytest.warns(UserWarning, match=r"train mode.*acfx.collapse\(model.eval\(\)\)"):
+        acfx.collapse(model)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        acfx.collapse(model.eval())
