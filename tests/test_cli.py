@@ -91,7 +91,10 @@ def test_kernels_prints_the_grid_and_writes_a_heatmap(tmp_path, capsys):
     assert png.stat().st_size > 1000 and png.read_bytes()[:4] == b"\x89PNG"
     acb = tmp_path / "acb.pth"
     torch.save(acfx.expand(timm.create_model("resnet18")).state_dict(), acb)
-    assert main(["kernels", str(acb), "--model", "resnet18", "-o", str(png)]) == 0
+    before = png.read_bytes()
+    assert main(["kernels", str(acb), "--model", "resnet18", "-o", str(png)]) == 2  # exists: --force to replace
+    assert "exists" in capsys.readouterr().err and png.read_bytes() == before
+    assert main(["kernels", str(acb), "--model", "resnet18", "-o", str(png), "--force"]) == 0
     assert "(expanded (ACNet), fused), 16 layers of 3x3" in capsys.readouterr().out
 
 

@@ -13,7 +13,7 @@ import os
 import pickle
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Union
+from typing import Dict, List, Mapping, Optional, Set, Union
 
 import torch
 import torch.nn as nn
@@ -23,6 +23,21 @@ __all__ = ["Checkpoint", "read_checkpoint", "read_state_dict", "checkpoint_info"
 
 _PREFIXES = ("module.", "_orig_mod.")  # DistributedDataParallel, torch.compile
 _ACB_MARKERS = (".square.weight", ".hor.weight", ".ver.weight")
+_ONLINE_MARKERS = (".square_scale",)
+# Keys that only an expanded site has, one per site: exact mode, online mode, and both (newer checkpoints).
+_SITE_MARKERS = (".square.weight", ".square_scale", ".layout")
+
+
+def expanded_sites(state: Mapping[str, object]) -> Set[str]:
+    """The names of the convs a checkpoint holds expanded (ACBlock or OnlineACConv), from its keys."""
+    return {key[:-len(marker)] for key in state for marker in _SITE_MARKERS if key.endswith(marker)}
+
+
+def expanded_mode(state: Mapping[str, object]) -> Optional[str]:
+    """"online" or "exact" when a checkpoint's keys show how it was expanded; None for a plain one."""
+    if any(key.endswith(_ONLINE_MARKERS) for key in state):
+        return "online"
+    return "exact" if any(key.endswith(_ACB_MARKERS) for key in state) else None
 # The buffer in which an ACBlock / OnlineACConv records how its kernels add up (acfx ≥ 0.2 checkpoints).
 LAYOUT_KEY = "layout"
 
@@ -63,11 +78,22 @@ def _load_weights_only(path: Path):
         return torch.load(path, map_location="cpu", weights_only=True)
 
 
+def _looks_like_safetensors(path: Path) -> bool:
+    """safetensors' layout whatever the file's name: an 8-byte header length, then a JSON header."""
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    if len(head) < 9 or head[8:9] != b"{":
+        return False
+    return 0 < int.from_bytes(head[:8], "little") < path.stat().st_size
+
+
 def _read_file(path: Path):
+    if path.is_dir():
+        raise IsADirectoryError(f"checkpoint {str(path)!r} is a directory; give the checkpoint file in it")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {str(path)!r} does not exist")
     try:
-        if path.suffix == ".safetensors":
+        if path.suffix == ".safetensors" or _looks_like_safetensors(path):
             from safetensors.torch import load_file
             return load_file(str(path))
         return _load_weights_only(path)
@@ -87,28 +113,32 @@ def _recorded_kwargs(data: Mapping) -> Dict[str, object]:
     if not isinstance(args, argparse.Namespace):
         return {}
     kwargs = dict(getattr(args, "model_kwargs", None) or {})
-    for name in ("bn_eps", "bn_momentum", "in_chans"):
+    for name, keyword in (("bn_eps", "bn_eps"), ("bn_momentum", "bn_momentum"), ("in_chans", "in_chans"),
+                          ("gp", "global_pool")):
         if getattr(args, name, None) is not None:
-            kwargs[name] = getattr(args, name)
+            kwargs[keyword] = getattr(args, name)
     return kwargs
 
 
 def read_checkpoint(path: Union[str, os.PathLike], use_ema: bool = False) -> Checkpoint:
     """Read a .pth/.pt/.bin (with ``weights_only=True``) or .safetensors file once.
 
-    Accepts a plain state_dict or timm train.py's checkpoint dict (``state_dict``, or ``state_dict_ema``
-    with ``use_ema=True``), and strips ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
+    Accepts a plain state_dict, timm train.py's checkpoint dict (``state_dict``, or ``state_dict_ema`` with
+    ``use_ema=True``) and torchvision's reference scripts' (``model``, or ``model_ema``), and strips
+    ``module.`` (DDP) and ``_orig_mod.`` (torch.compile) prefixes.
     """
     path = Path(path)
     data = _read_file(path)
     if not isinstance(data, Mapping):
         raise ValueError(f"checkpoint {str(path)!r} holds a {type(data).__name__}, not a state_dict")
-    key = "state_dict_ema" if use_ema else "state_dict"
-    if use_ema and key not in data:
-        raise ValueError(f"checkpoint {str(path)!r} has no 'state_dict_ema' (keys: {sorted(data)[:8]})")
+    keys = ("state_dict_ema", "model_ema") if use_ema else ("state_dict", "model")
+    key = next((k for k in keys if isinstance(data.get(k), Mapping)), None)
+    if use_ema and key is None:
+        raise ValueError(f"checkpoint {str(path)!r} has no EMA weights ('state_dict_ema' or 'model_ema'; keys: "
+                         f"{sorted(data)[:8]})")
     arch = data.get("arch") if isinstance(data.get("arch"), str) else None
     kwargs = _recorded_kwargs(data)
-    if key in data and isinstance(data[key], Mapping):
+    if key is not None:
         data = data[key]
     tensors = {k: v for k, v in data.items() if isinstance(v, torch.Tensor)}
     if not tensors:
@@ -167,22 +197,34 @@ def _only_classifier(shapes: List[str], model: nn.Module) -> bool:
     return bool(shapes and names) and all(s.split(" ")[0].startswith(names[0] + ".") for s in shapes)
 
 
+def _whole_modules(keys: List[str], all_keys) -> bool:
+    """Every module the ``keys`` belong to has all its keys among them (whole modules, not damaged ones)."""
+    owners = {k.rsplit(".", 1)[0] for k in keys}
+    return all(k in set(keys) for k in all_keys if k.rsplit(".", 1)[0] in owners)
+
+
 def _hint(model: nn.Module, model_keys, checkpoint_keys, missing, unexpected, shapes) -> str:
-    model_acb, checkpoint_acb = (any(k.endswith(_ACB_MARKERS) for k in keys) for keys in (model_keys, checkpoint_keys))
-    if checkpoint_acb and not model_acb:
-        return (" The checkpoint is of an expanded (ACNet) model and the model is plain: expand the model "
-                "first (acfx.expand with the options used for training), or convert the checkpoint with "
-                "`acfx collapse`.")
-    if model_acb and not checkpoint_acb:
-        return (" The model is expanded and the checkpoint is plain: load it into the plain model and expand "
-                "that (init='preserve'), or convert it with `acfx expand`.")
+    model_mode, checkpoint_mode = expanded_mode(dict.fromkeys(model_keys)), expanded_mode(dict.fromkeys(checkpoint_keys))
+    if checkpoint_mode and not model_mode:
+        return (f" The checkpoint is of an expanded (ACNet, mode='{checkpoint_mode}') model and the model is plain: "
+                "expand the model first (acfx.expand with the options used for training), or convert the "
+                "checkpoint with `acfx collapse`.")
+    if model_mode and not checkpoint_mode:
+        return (" The checkpoint is plain (not expanded: there is nothing to collapse) and the model is expanded: "
+                "load it into the plain model (and expand that with init='preserve', or `acfx expand` it).")
+    if model_mode and checkpoint_mode and model_mode != checkpoint_mode:
+        return (f" The checkpoint was expanded with mode='{checkpoint_mode}', the model with mode='{model_mode}': "
+                f"expand with mode='{checkpoint_mode}' (--mode {checkpoint_mode}).")
     if _only_classifier(shapes, model) and not missing and not unexpected:
         return (" Only the classifier differs: the checkpoint has another number of classes (pass "
                 "--num-classes / num_classes= to match it).")
-    acb_keys = [k for k in missing + unexpected if any(p in k for p in (".hor", ".ver", ".square_bn"))]
-    if model_acb and checkpoint_acb and acb_keys and len(acb_keys) == len(missing) + len(unexpected) and not shapes:
-        return (" Both are expanded, with different options (branches, norm, include_unnormed): expand with "
-                "the options the checkpoint was trained with.")
+    if not _whole_modules(missing, model_keys) or not _whole_modules(unexpected, checkpoint_keys):
+        return (" Some modules lack only part of their tensors: the checkpoint is incomplete or was edited; "
+                "use the file training wrote.")
+    if model_mode and checkpoint_mode and not shapes:
+        return (" Both are expanded, with different options (branches, norm, include_unnormed) or different "
+                "sites (a conv frozen or excluded in training): expand with the options the checkpoint was "
+                "trained with.")
     return " Is it a checkpoint of this architecture (and num_classes)?"
 
 
@@ -191,6 +233,23 @@ def _listing(title: str, keys: List[str], limit: int = 12) -> str:
         return ""
     more = f", ... ({len(keys) - limit} more)" if len(keys) > limit else ""
     return f" {title} ({len(keys)}): {', '.join(keys[:limit])}{more}."
+
+
+def _uncopyable(state: Mapping[str, torch.Tensor], expected: Mapping[str, torch.Tensor]) -> List[str]:
+    """Entries load_state_dict would fail on halfway through, having copied the ones before them."""
+    found = []
+    for key, value in state.items():
+        if key not in expected:
+            continue
+        if not isinstance(value, torch.Tensor):
+            found.append(f"{key}: a {type(value).__name__}, not a tensor")
+        elif value.layout != torch.strided:
+            found.append(f"{key}: {value.layout} layout, not a dense tensor")
+        elif value.device.type == "meta":
+            found.append(f"{key}: on the meta device, it holds no values")
+        elif value.is_complex() and not expected[key].is_complex():
+            found.append(f"{key}: complex values for a real tensor")
+    return found
 
 
 def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], source: Optional[str] = None) -> None:
@@ -211,6 +270,11 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
             + _listing("missing keys", missing) + _listing("unexpected keys", unexpected)
             + _listing("shape mismatches (checkpoint vs model)", shapes)
             + _hint(model, expected, state, missing, unexpected, shapes))
+    unusable = _uncopyable(state, expected)
+    if unusable:
+        raise CheckpointMismatch(
+            f"checkpoint{where} holds tensors that cannot be copied into {type(model).__name__}'s weights; nothing "
+            "was loaded." + _listing("tensors (what is wrong)", unusable))
     problems = _layout_problems(owners, state)
     if problems:
         raise CheckpointMismatch(

@@ -6,7 +6,7 @@ import ast
 import collections
 import math
 import sys
-from typing import List, Optional
+from typing import List, Optional, Tuple
 
 import torch
 
@@ -27,9 +27,17 @@ def _expand_options(parser: argparse.ArgumentParser) -> None:
             group.add_argument(flag, choices=field.metadata["choices"], default=field.default, help=help_text + default)
 
 
-def _expand_kwargs(args: argparse.Namespace) -> dict:
+def _expand_kwargs(args: argparse.Namespace, recorded: Optional[dict] = None) -> dict:
+    """The expand options of the command line; where a flag is left at its default, the value a timm
+    train.py checkpoint records as an ``acb_<option>`` model keyword (``recorded``, prefix removed)."""
     from ..passes.options import ExpandOptions
-    return {field.name: getattr(args, field.name) for field in ExpandOptions.fields(structural=True)}
+    options = {}
+    for field in ExpandOptions.fields(structural=True):
+        value = getattr(args, field.name)
+        if recorded and field.name in recorded and value == field.default:
+            value = recorded[field.name]
+        options[field.name] = value
+    return options
 
 
 def _sites_summary(report, action: str) -> str:
@@ -73,9 +81,15 @@ def _print_check(result, show_sites: bool) -> None:
 
 def cmd_check(args: argparse.Namespace) -> int:
     from .diagnostics import check_round_trip
-    from .zoo import build_model, input_size_for, is_detection, model_source
+    from .zoo import build_model, input_size_for, is_detection, model_source, unsupported_task
 
+    if args.model.startswith("acb_"):  # the plug-in's name for the expanded model: check its base
+        args.model = args.model[len("acb_"):]
     source, _ = model_source(args.model)
+    task = unsupported_task(args.model)
+    if task:
+        raise ValueError(f"{args.model} is a {task} model: `acfx check` runs image models that take (N, C, H, W) "
+                         "inputs; expand it in Python and compare its outputs yourself")
     if is_detection(args.model):
         raise ValueError(f"{args.model} is a detection model: its forward needs targets in train mode and returns "
                          "detections, so `acfx check` (classification and segmentation models) cannot run it; "
@@ -118,19 +132,32 @@ def _parse_kwargs(items: List[str]) -> dict:
     return kwargs
 
 
-def _model_kwargs(args: argparse.Namespace, checkpoint) -> dict:
-    """--model-kwargs, over the model arguments a train.py checkpoint records (bn_eps, ...)."""
-    recorded = checkpoint.model_kwargs
+def _model_kwargs(args: argparse.Namespace, checkpoint) -> Tuple[dict, dict]:
+    """--model-kwargs over the model arguments a train.py checkpoint records (bn_eps, ...), and apart from
+    them the acb_ plug-in keywords it records (expand options, prefix removed; acb_impl only chose a
+    training forward and changes no weight)."""
+    recorded = {k: v for k, v in checkpoint.model_kwargs.items() if not k.startswith("acb_")}
+    acb = {k[len("acb_"):]: v for k, v in checkpoint.model_kwargs.items() if k.startswith("acb_") and k != "acb_impl"}
     if recorded:
         print(f"model arguments recorded in the checkpoint: {recorded}")
-    return {**recorded, **_parse_kwargs(args.model_kwargs)}
+    if acb:
+        print(f"expand options recorded in the checkpoint (acb_ keywords): {acb}")
+    given = _parse_kwargs(args.model_kwargs)
+    acb.update({k[len("acb_"):]: given.pop(k) for k in list(given) if k.startswith("acb_")})
+    acb.pop("impl", None)
+    from .checkpoint import expanded_mode
+    mode = expanded_mode(checkpoint.state)
+    if mode and "mode" not in acb:
+        acb["mode"] = mode  # what the keys show; --mode given explicitly still wins
+    return {**recorded, **given}, acb
 
 
 def _read(args: argparse.Namespace):
-    """The checkpoint, read once, with its model name and model arguments."""
+    """The checkpoint, read once, with its model name, model arguments and recorded expand options."""
     from .checkpoint import read_checkpoint
     checkpoint = read_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    return checkpoint, _model_name(args, checkpoint), _model_kwargs(args, checkpoint)
+    kwargs, acb = _model_kwargs(args, checkpoint)
+    return checkpoint, _model_name(args, checkpoint), kwargs, acb
 
 
 def _print_conversion(result, verb: str) -> None:
@@ -154,42 +181,57 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     from .convert import collapse_checkpoint
     from .outputs import output_path
     output = output_path(args.checkpoint, args.output, "collapsed", args.force)  # before any work
-    checkpoint, name, kwargs = _read(args)
+    checkpoint, name, kwargs, acb = _read(args)
     result = collapse_checkpoint(checkpoint, name, output, num_classes=args.num_classes, fold_bn=args.fold_bn,
-                                 model_kwargs=kwargs, tolerance=args.tolerance, **_expand_kwargs(args))
+                                 model_kwargs=kwargs, tolerance=args.tolerance, **_expand_kwargs(args, acb))
     _print_conversion(result, "collapsed")
     if result.written and not args.fold_bn:
-        extra = "".join(f", {k}={v!r}" for k, v in kwargs.items() if k != "bn_momentum")
-        classes = f", num_classes={result.num_classes}" if result.num_classes is not None else ""
-        print(f"load it without acfx: timm.create_model({name!r}{classes}{extra}, checkpoint_path={output!r})")
+        print(_load_line(name, kwargs, result, output))
     return 0 if result.written else 1
+
+
+def _load_line(name: str, kwargs: dict, result, output: str) -> str:
+    """How to load the written plain checkpoint without acfx, or why it does not load into the plain model."""
+    from .zoo import model_source
+    changed = result.report.structure_changes
+    if changed:
+        return (f"note: {len(changed)} conv(s) gained a bias in the collapse (include_unnormed: no BN after them to "
+                "hold the shift), so the file does not load strictly into the plain architecture; load it with "
+                "strict=False and check, or collapse in Python and keep the module objects")
+    extra = "".join(f", {k}={v!r}" for k, v in kwargs.items() if k != "bn_momentum")
+    classes = f", num_classes={result.num_classes}" if result.num_classes is not None else ""
+    source, bare = model_source(name)
+    if source == "torchvision":
+        return (f"load it without acfx: torchvision.models.get_model({bare!r}{classes}{extra})"
+                f".load_state_dict(torch.load({output!r}))")
+    return f"load it without acfx: timm.create_model({name!r}{classes}{extra}, checkpoint_path={output!r})"
 
 
 def cmd_expand(args: argparse.Namespace) -> int:
     from .convert import expand_checkpoint
     from .outputs import output_path
     output = output_path(args.checkpoint, args.output, "acb", args.force)
-    checkpoint, name, kwargs = _read(args)
+    checkpoint, name, kwargs, acb = _read(args)
     result = expand_checkpoint(checkpoint, name, output, num_classes=args.num_classes, model_kwargs=kwargs,
-                               tolerance=args.tolerance, **_expand_kwargs(args))
+                               tolerance=args.tolerance, **_expand_kwargs(args, acb))
     _print_conversion(result, "expanded (init='preserve')")
     return 0 if result.written else 1
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
-    from .checkpoint import load_state_dict_strict
+    from .checkpoint import expanded_mode, load_state_dict_strict
     from .convert import build_matching
     from ..passes.expand import expand
     from .kernels import format_grid, kernel_magnitude, save_heatmap
     from .outputs import output_path
 
-    output = output_path(args.checkpoint, args.output or "kernel_magnitude.png", "kernels", force=True)
-    checkpoint, name, kwargs = _read(args)
+    output = output_path(args.checkpoint, args.output, "kernels", args.force, extension=".png")  # before any work
+    checkpoint, name, kwargs, acb = _read(args)
     state = checkpoint.state
     model = build_matching(name, state, args.num_classes, **kwargs)
-    expanded = any(k.endswith((".square.weight", ".hor.weight", ".ver.weight")) for k in state)
+    expanded = expanded_mode(state) is not None
     if expanded:
-        model = expand(model, inplace=True, **_expand_kwargs(args))
+        model = expand(model, inplace=True, **_expand_kwargs(args, acb))
     load_state_dict_strict(model, state, args.checkpoint)
     size = (args.kernel_size, args.kernel_size) if args.kernel_size else None
     matrix, layers = kernel_magnitude(model.eval(), size)
@@ -199,6 +241,17 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     save_heatmap(matrix, output, f"{name} ({kind}), {layers} layers")
     print(f"wrote {output}")
     return 0
+
+
+def _positive_int(text: str) -> int:
+    """A size or count: a positive integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an integer: {text!r}") from None
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
 
 
 def _tolerance(text: str) -> float:
@@ -249,8 +302,8 @@ def _parser() -> argparse.ArgumentParser:
                                        "Exit code 1 if any check fails.")
     check.add_argument("model", nargs="?", default="resnet50",
                        help="timm model name, or torchvision's with a 'tv:' prefix (default: resnet50)")
-    check.add_argument("--img-size", type=int, default=None, help="input size (default: the model's)")
-    check.add_argument("--batch-size", type=int, default=2, help="batch size (default: 2)")
+    check.add_argument("--img-size", type=_positive_int, default=None, help="input size (default: the model's)")
+    check.add_argument("--batch-size", type=_positive_int, default=2, help="batch size (default: 2)")
     check.add_argument("--tolerance", type=_tolerance, default=1e-5,
                        help="max relative error, a positive number (default: 1e-5)")
     check.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
@@ -280,7 +333,7 @@ def _parser() -> argparse.ArgumentParser:
                          description="Per k×k layer, sum |kernel| (after BN folding; an expanded model is fused "
                                      "first) over filters and input channels, normalise by its maximum, average "
                                      "over layers: ACNet strengthens the skeleton (centre row and column).")
-    _checkpoint_args(ker, "heatmap PNG (default: kernel_magnitude.png)")
+    _checkpoint_args(ker, "heatmap PNG (default: <checkpoint>-kernels.png)")
     ker.add_argument("--kernel-size", type=int, default=None,
                      help="which k×k layers (default: the most common kernel size)")
     _expand_options(ker)

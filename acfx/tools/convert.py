@@ -14,13 +14,13 @@ from typing import Callable, Mapping, Optional, Union
 import torch
 import torch.nn as nn
 
-from .checkpoint import Checkpoint, load_state_dict_strict, read_checkpoint, write_state_dict
+from .checkpoint import Checkpoint, expanded_sites, load_state_dict_strict, read_checkpoint, write_state_dict
 from ..passes.collapse import collapse
-from .diagnostics import Float64Check, float64_check, relative_error, within_rounding
+from .diagnostics import Float64Check, float64_check, output_tensor, relative_error, within_rounding
 from ..passes.expand import expand
 from .outputs import default_output
 from ..passes.report import Report
-from .zoo import build_model, input_size_for
+from .zoo import build_model, fixed_input_size, input_size_for
 
 __all__ = ["Conversion", "collapse_checkpoint", "expand_checkpoint", "build_matching", "default_output"]
 
@@ -77,8 +77,9 @@ def build_matching(name: str, state: Mapping[str, torch.Tensor], num_classes: Op
 
 
 def _probe(model: nn.Module, name: str) -> torch.Tensor:
+    """A random input the model takes: its own size when fixed, else at most 128 px (a fast check)."""
     channels, height, width = input_size_for(model, name)
-    size = min(height, 128), min(width, 128)
+    size = (height, width) if fixed_input_size(model) else (min(height, 128), min(width, 128))
     return torch.randn(2, channels, *size, generator=torch.Generator().manual_seed(0))
 
 
@@ -88,7 +89,7 @@ def _verify_and_write(result: Conversion, source: nn.Module, converted: nn.Modul
     then turned to float64), and write the converted state_dict only if it is exact."""
     x = _probe(source, result.model)
     with torch.no_grad():
-        y_source, y_converted = source.eval()(x), converted.eval()(x)
+        y_source, y_converted = output_tensor(source.eval()(x)), output_tensor(converted.eval()(x))
     result.error = relative_error(y_converted, y_source)
     if result.error > result.tolerance:
         result.float64 = float64_check(source, convert, x, y_source, y_converted)
@@ -108,6 +109,9 @@ def collapse_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, u
     weights mean (a BN's eps is not stored in the state_dict). ``checkpoint``: a path or a read record."""
     record = _checkpoint(checkpoint, use_ema)
     plain = build_matching(name, record.state, num_classes, **(model_kwargs or {}))
+    sites = expanded_sites(record.state)
+    if sites and "filter_fn" not in expand_kwargs:  # a conv frozen or excluded in training stayed plain
+        expand_kwargs["filter_fn"] = lambda conv, conv_name: conv_name in sites
     expanded = expand(plain, inplace=True, **expand_kwargs)
     load_state_dict_strict(expanded, record.state, record.path)
     collapsed, report = collapse(expanded.eval(), fold_bn=fold_bn, return_report=True)

@@ -7,6 +7,7 @@ Kernels are taken after BN folding (collapse with fold_bn=True), for plain and e
 from __future__ import annotations
 
 import collections
+from pathlib import Path
 from typing import Optional, Tuple
 
 import torch
@@ -65,6 +66,7 @@ def save_heatmap(matrix: torch.Tensor, path: str, title: str) -> None:
     ax.set_title(title, fontsize=8)
     fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04)
     fig.tight_layout()
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
 

@@ -11,15 +11,15 @@ __all__ = ["default_output", "output_path"]
 _SUFFIXES = (".pth.tar", ".safetensors", ".pth", ".pt", ".bin", ".ckpt", ".tar")
 
 
-def default_output(checkpoint: str, suffix: str) -> str:
-    """``run.best.pth`` -> ``run.best-<suffix>.pth`` (beside the checkpoint)."""
+def default_output(checkpoint: str, suffix: str, extension: str = ".pth") -> str:
+    """``run.best.pth`` -> ``run.best-<suffix>.pth`` (beside the checkpoint; ``extension`` for other files)."""
     path = Path(checkpoint)
     name = path.name
     for ext in _SUFFIXES:
         if name.endswith(ext) and len(name) > len(ext):
             name = name[:-len(ext)]
             break
-    return str(path.with_name(f"{name}-{suffix}.pth"))
+    return str(path.with_name(f"{name}-{suffix}{extension}"))
 
 
 def _existing_ancestor(path: Path) -> Path:
@@ -29,9 +29,13 @@ def _existing_ancestor(path: Path) -> Path:
     return Path(".")
 
 
-def output_path(checkpoint: str, output: Optional[str], suffix: str, force: bool) -> str:
-    """The path to write (``output``, or the default name), or a ValueError in one line saying why not."""
-    path = Path(output) if output else Path(default_output(checkpoint, suffix))
+def output_path(checkpoint: str, output: Optional[str], suffix: str, force: bool, extension: str = ".pth") -> str:
+    """The path to write (``output``, or the default name), or a ValueError in one line saying why not.
+
+    ``extension``: of the default name, and added to an ``output`` without one (a plot's format)."""
+    path = Path(output) if output else Path(default_output(checkpoint, suffix, extension))
+    if extension != ".pth" and not path.suffix:
+        path = path.with_name(path.name + extension)
     if path.is_dir():
         raise ValueError(f"output {str(path)!r} is a directory; give a file name (e.g. -o {path / ('out.pth')})")
     ancestor = _existing_ancestor(path.absolute())

@@ -6,7 +6,7 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
-__all__ = ["build_model", "model_source", "input_size_for", "is_detection"]
+__all__ = ["build_model", "model_source", "input_size_for", "fixed_input_size", "is_detection", "unsupported_task"]
 
 _TORCHVISION_PREFIXES = ("tv:", "torchvision:")
 # torchvision models whose builders need extra arguments to build without pretrained weights.
@@ -45,6 +45,18 @@ def is_detection(name: str) -> bool:
     return _torchvision_builder(bare).__module__.startswith("torchvision.models.detection")
 
 
+def unsupported_task(name: str) -> Optional[str]:
+    """The task of a torchvision model whose input is not one image batch (video, optical flow), if any."""
+    source, bare = model_source(name)
+    if source != "torchvision":
+        return None
+    module = _torchvision_builder(bare).__module__
+    for part, task in ((".video", "video"), (".optical_flow", "optical-flow")):
+        if part in module:
+            return task
+    return None
+
+
 def build_model(name: str, **kwargs) -> nn.Module:
     """A timm or torchvision model with random weights; ``kwargs`` go to the builder.
 
@@ -62,9 +74,30 @@ def build_model(name: str, **kwargs) -> nn.Module:
     return builder(**{**defaults, **kwargs})
 
 
+def _input_channels(model: nn.Module, cfg: Optional[dict]) -> Optional[int]:
+    """The channels the model's first conv takes (the cfg keeps 3 for a model built with in_chans=1)."""
+    first = (cfg or {}).get("first_conv")
+    for name in [first] if isinstance(first, str) else list(first or ()):
+        try:
+            return int(model.get_submodule(name).in_channels)
+        except (AttributeError, TypeError, ValueError):
+            continue
+    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    return int(conv.in_channels) if conv is not None else None
+
+
 def input_size_for(model: nn.Module, name: str, default: int = 224) -> tuple:
-    """(C, H, W) the model expects: timm's pretrained_cfg, else 3×default (299 for inception_v3)."""
+    """(C, H, W) the model expects: timm's pretrained_cfg, else default×default (299 for inception_v3),
+    with the channels of its first conv."""
     cfg: Optional[dict] = getattr(model, "pretrained_cfg", None)
     if cfg and cfg.get("input_size"):
-        return tuple(cfg["input_size"])
-    return (3, 299, 299) if "inception_v3" in name else (3, default, default)
+        channels, height, width = cfg["input_size"]
+    else:
+        channels, height, width = (3, 299, 299) if "inception_v3" in name else (3, default, default)
+    return (_input_channels(model, cfg) or channels, height, width)
+
+
+def fixed_input_size(model: nn.Module) -> bool:
+    """The model takes only its own input size (timm's ``fixed_input_size``: position embeddings, windows)."""
+    cfg: Optional[dict] = getattr(model, "pretrained_cfg", None)
+    return bool(cfg and cfg.get("fixed_input_size"))
