@@ -396,3 +396,27 @@ def test_collapse_warns_for_hand_written_blocks_and_bns_in_train_mode():
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         acfx.collapse(model.eval())
+
+
+class FreezesOnTrain(nn.Module):
+    """mmdet-style: train() freezes the stem's parameters (tensors the traced copy shares with the model)."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem, self.blk = nn.Conv2d(3, C, 1), Block()
+
+    def train(self, mode=True):
+        super().train(mode)
+        self.stem.weight.requires_grad_(False)
+        return self
+
+    def forward(self, x):
+        return self.blk(self.stem(x))
+
+
+def test_tracing_the_other_mode_does_not_call_the_models_train():
+    model = FreezesOnTrain()
+    for module in model.modules():  # eval mode, without the override
+        module.training = False
+    acfx.expand(model, inplace=True)
+    assert model.stem.weight.requires_grad, "expand ran the model's own train(), which froze a shared parameter"

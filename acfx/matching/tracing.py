@@ -223,8 +223,9 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
                                  {k: v for k, v in constants.items() if isinstance(v, torch.Tensor)}))
 
     with _RestoreState(root) if copied is None else _NoRestore():
-        if training is not None:
-            subject.train(training)
+        if training is not None:  # the flag itself: a train() the user overrode may act on shared tensors
+            for module in subject.modules():
+                module.training = training
         visit("", subject)
     return traced, untraced
 
