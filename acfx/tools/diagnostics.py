@@ -221,13 +221,15 @@ def _measure(result: RoundTrip, build, x, expand_kwargs) -> None:
         y_collapsed = output_tensor(collapsed(x))
         result.local_error = _local_error(expanded, collapsed, x)
     result.error = relative_error(y_collapsed, y_expanded)
-    if result.error > result.tolerance:
-        _measure_float64(result, expanded, y_expanded, y_collapsed, x)
-    del expanded
+    state = collapsed.state_dict()
+    del collapsed  # the float64 repetition below needs the memory more than the collapsed copy does
     try:
-        build().load_state_dict(collapsed.state_dict(), strict=True)
+        build().load_state_dict(state, strict=True)
     except RuntimeError as error:
         result.strict_reload = " ".join(str(error).split())[:400]
+    del state
+    if result.error > result.tolerance:
+        _measure_float64(result, expanded, y_expanded, y_collapsed, x)
 
 
 def _local_error(expanded: nn.Module, collapsed: nn.Module, x: torch.Tensor) -> float:
