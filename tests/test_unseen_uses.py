@@ -420,3 +420,170 @@ def test_tracing_the_other_mode_does_not_call_the_models_train():
         module.training = False
     acfx.expand(model, inplace=True)
     assert model.stem.weight.requires_grad, "expand ran the model's own train(), which froze a shared parameter"
+
+
+# -- round 2: writes and reaches fx does not record as such ------------------------------------------------
+@torch.fx.wrap
+def _halve_in_place(t):
+    t.mul_(0.5)  # opaque to fx: a call whose result the caller does not use
+
+
+class HiddenInPlace(nn.Module):
+    def __init__(self, how):
+        super().__init__()
+        self.conv, self.bn, self.how = nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C), how
+
+    def forward(self, x):
+        y = self.conv(x)
+        if self.how == "augmented":
+            t = y
+            t += 1.0  # fx records an add whose result replaces t; at run time y changes
+        elif self.how == "dunder":
+            y.__iadd__(1.0)
+        elif self.how == "out":
+            torch.add(y.detach(), 1.0, out=y.detach())
+        else:
+            _halve_in_place(y)
+        return self.bn(y)
+
+
+@pytest.mark.parametrize("how", ["augmented", "dunder", "out", "wrapped"])
+def test_writes_fx_records_as_unused_calls_leave_the_site(how):
+    torch.manual_seed(0)
+    model = randomize_bn(HiddenInPlace(how)).eval()
+    x = torch.randn(2, 3, 8, 8)
+    with torch.no_grad():
+        y = model(x)
+        acnet, report = acfx.expand(model, init="preserve", return_report=True)
+        assert_rel_close(acnet.eval()(x), y)
+    assert _site_reason(report, "conv")
+
+
+def _side(module, x):  # a module-level helper that reaches into a child
+    return module.blk.conv(x)
+
+
+class _Helpers:
+    def side(self, module, x):
+        return module.blk.conv(x)
+
+
+HELPERS = _Helpers()
+
+
+class UntracedBase(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.stem, self.blk = nn.Conv2d(3, C, 1), Block()
+
+    def forward(self, x):
+        return self.blk.conv(x)
+
+
+class _Reaching(UntracedBase):
+    """The top does not trace; ``reach`` calls blk.conv directly, through code fx never reads."""
+
+    def forward(self, x):
+        x = self.stem(x)
+        if x.mean() < -100:
+            return x
+        return self.blk(x) + self.reach(x)
+
+
+class BySuper(_Reaching):
+    def reach(self, x):
+        return super(_Reaching, self).forward(x)  # UntracedBase.forward: self.blk.conv(x)
+
+
+class ByHelper(_Reaching):
+    def reach(self, x):
+        return _side(self, x)
+
+
+class ByProperty(_Reaching):
+    @property
+    def tap(self):
+        return self.blk.conv
+
+    def reach(self, x):
+        return self.tap(x)
+
+
+class ByPartial(_Reaching):
+    def __init__(self):
+        super().__init__()
+        import functools
+        self.side = functools.partial(_side, self)
+
+    def reach(self, x):
+        return self.side(x)
+
+
+class ByAttrgetter(_Reaching):
+    def reach(self, x):
+        import operator
+        return operator.attrgetter("blk.conv")(self)(x)
+
+
+class ByOtherObject(_Reaching):
+    def reach(self, x):
+        return HELPERS.side(self, x)
+
+
+@pytest.mark.parametrize("cls", [BySuper, ByHelper, ByProperty, ByPartial, ByAttrgetter, ByOtherObject])
+def test_code_that_does_not_trace_reaching_a_child_indirectly_leaves_the_site(cls):
+    torch.manual_seed(0)
+    report = _check_preserved(cls(), torch.randn(2, 3, 8, 8))
+    assert "may call this module directly" in _site_reason(report, "blk.conv")
+
+
+class CallsChildInCall(UntracedParentCallingWhole):
+    def __call__(self, x):
+        return super().__call__(x) + self.blk.conv(self.stem(x))
+
+
+@pytest.mark.parametrize("where", ["root hook", "parent hook", "__call__"])
+def test_hooks_and_call_overrides_reaching_a_child_leave_the_site(where):
+    torch.manual_seed(0)
+    model = CallsChildInCall() if where == "__call__" else UntracedParentCallingWhole()
+    if where == "root hook":
+        model.register_forward_hook(lambda mod, args, out: out + mod.blk.conv(mod.stem(args[0])))
+    elif where == "parent hook":
+        model.blk.register_forward_hook(lambda mod, args, out: out + mod.conv(args[0]))
+    report = _check_preserved(model, torch.randn(2, 3, 8, 8))
+    assert "may call this module directly" in _site_reason(report, "blk.conv")
+
+
+class BnOnOtherInput(nn.Module):
+    """Train mode normalises conv(x) with bn; eval mode normalises conv2(x) with the same bn."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.conv2, self.bn = nn.Conv2d(3, C, 3, padding=1), nn.Conv2d(3, C, 3, padding=1), \
+            nn.BatchNorm2d(C)
+
+    def forward(self, x):
+        return self.bn(self.conv(x)) if self.training else self.bn(self.conv2(x))
+
+
+def test_bn_normalising_another_input_in_the_other_mode_leaves_the_site():
+    torch.manual_seed(0)
+    model = randomize_bn(BnOnOtherInput()).train()
+    acnet, report = acfx.expand(model, init="preserve", return_report=True)
+    x = torch.randn(2, 3, 8, 8)
+    assert_rel_close(acnet.eval()(x), model.eval()(x))
+    assert "normalises another input" in _site_reason(report, "conv")
+
+
+class FlagByGetattr(UntracedParentCallingWhole):
+    def forward(self, x):
+        x = self.stem(x)
+        if getattr(self, "debug", False) or x.mean() < -100:
+            return x
+        return self.blk(x)
+
+
+def test_getattr_of_a_constant_name_is_not_a_dynamic_lookup():
+    torch.manual_seed(0)
+    report = _check_preserved(FlagByGetattr(), torch.randn(2, 3, 8, 8))
+    assert [e.name for e in report.of("expanded")] == ["blk.conv"]

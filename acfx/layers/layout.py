@@ -21,7 +21,8 @@ import torch.nn as nn
 from .convs import is_dynamic_same
 from .geometry import Placement, Window, asym_offset, conv_window
 
-__all__ = ["ConvGeometry", "conv_geometry", "BranchLayout", "BlockLayout", "plan_block", "layout_difference", "BRANCHES", "ASYMMETRIC", "RECORD_FIELDS"]
+__all__ = ["ConvGeometry", "conv_geometry", "BranchLayout", "BlockLayout", "plan_block", "layout_difference",
+           "BRANCHES", "ASYMMETRIC", "RECORD_FIELDS"]
 
 BRANCHES = ("square", "hor", "ver")
 ASYMMETRIC = ("hor", "ver")

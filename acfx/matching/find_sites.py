@@ -90,7 +90,7 @@ def _other_use(part: TracedPart, target: str, untraced: List[UntracedPart], tied
         return (f"a parameter or buffer of it is tied to {tied[name][:3]}: rewriting one holder would break the tie "
                 "(untie them, or exclude this site)")
     return (part.call_form_reason(target) or part.attribute_reason(target)
-            or reach_reason(name, part.module.get_submodule(target), [(u.name, u.reach) for u in untraced]))
+            or reach_reason(name, part.module.get_submodule(target), untraced))
 
 
 def _consumer(call: ConvCall, node: fx.Node, part: TracedPart, modules: Dict[str, nn.Module], calls: Dict[str, int],

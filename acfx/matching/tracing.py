@@ -277,17 +277,48 @@ def _inplace_flag(node: fx.Node) -> bool:
     return bound is not None and bound.arguments.get("inplace") is True
 
 
+_INPLACE_DUNDERS = {f"__i{name}__" for name in ("add", "sub", "mul", "truediv", "floordiv", "mod", "pow", "and",
+                                                   "or", "xor", "lshift", "rshift", "matmul")} | {"__setitem__"}
+# Calls whose result may go unused without any effect: queries of a tensor, slices, fx's assertions.
+_QUERY_METHODS = {"size", "dim", "numel", "stride", "is_contiguous", "type", "element_size", "nelement",
+                  "get_device", "data_ptr"}
+_QUERY_FUNCTIONS = {getattr, operator.getitem, len, isinstance, torch._assert}
+
+
 def mutates(node: fx.Node, modules: Dict[str, nn.Module]) -> bool:
-    """Whether ``node`` writes into a tensor in place (its effect counts even where its result is unused)."""
+    """Whether ``node`` may write into a tensor in place (its effect counts even where its result is unused).
+
+    Explicit in-place calls (``relu_``, ``inplace=True``, ``out=``, ``__iadd__``), and any call whose result
+    nothing uses while it takes a value of the graph: code calls those for an effect. fx records ``t += 1``
+    on a tensor as an ``add`` whose result replaces ``t``, and an opaque function (fx.wrap, a leaf module)
+    may write into its argument; only queries (``x.size()``, ``x.shape``, an unused slice) are known pure.
+    """
+    if node.op not in ("call_method", "call_function", "call_module"):
+        return False
+    if "out" in node.kwargs:
+        return True
     if node.op == "call_method":
-        return node.target.endswith("_") and not node.target.startswith("_")
-    if node.op == "call_function":
+        if node.target in _INPLACE_DUNDERS or (node.target.endswith("_") and not node.target.startswith("_")):
+            return True
+    elif node.op == "call_function":
         if node.target in _INPLACE_OPERATORS:
             return True
         name = getattr(node.target, "__name__", "")
-        return (name.endswith("_") and not name.startswith("_")) or _inplace_flag(node)
-    if node.op == "call_module":
-        return getattr(modules.get(node.target), "inplace", False) is True
+        if (name.endswith("_") and not name.startswith("_")) or _inplace_flag(node):
+            return True
+    elif getattr(modules.get(node.target), "inplace", False) is True:
+        return True
+    return not node.users and bool(node.all_input_nodes) and not _pure_query(node)
+
+
+def _pure_query(node: fx.Node) -> bool:
+    if node.op == "call_method":
+        return node.target in _QUERY_METHODS
+    if node.op == "call_function":
+        try:
+            return node.target in _QUERY_FUNCTIONS
+        except TypeError:  # an unhashable target
+            return False
     return False
 
 

@@ -15,6 +15,7 @@ from ..layers.online import OnlineACConv
 from ..layers.padding import DynamicSamePad2d
 from ..layers.split_conv import EvenSplitConv2d
 from ..matching.tracing import AcfxTracer, trace_parts
+from ..matching.untraced_reach import hook_owners
 from .arguments import check_flags, check_model, refuse_wrapped, working_copy
 from .collapse_matches import collapse_matches
 from .fold_bn import fold_norms
@@ -159,8 +160,9 @@ def _collapse_blocks(swaps: ModuleSwaps, leaves: Tuple[type, ...], state: _State
         state.report.add(part.name, "untraced", "module", f"{part.error}; traced its children instead")
     replacements: Dict[str, nn.Module] = {}
     checked: Set[str] = set()
+    owners = untraced + hook_owners(root)  # code tracing does not see
     for part in parts:
-        replacements.update(collapse_matches(part, untraced, state.report, checked, state.hooked,
+        replacements.update(collapse_matches(part, owners, state.report, checked, state.hooked,
                                              state.in_train_mode))
     for own in fuse_own(root):
         if own.skip:

@@ -68,7 +68,7 @@ def _check_own_layout(block: ACBlock, match: BranchSum, name: str) -> None:
 def _outside_use(match: BranchSum, scope: Scope, part: TracedPart, untraced: Sequence[UntracedPart],
                  calls: Dict[str, int]) -> Optional[str]:
     """Why the block, or a module inside it, is used other than by the block's calls module(x)."""
-    reach = [(u.name, u.reach) for u in untraced]
+    reach = list(untraced)
     block_calls = len(part.call_forms.get(scope.module, ())) if scope.module else 1
     reason = (part.call_form_reason(scope.module) if scope.module else None) or \
         reach_reason(part.qualify(scope.module), part.module.get_submodule(scope.module), reach)

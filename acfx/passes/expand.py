@@ -18,7 +18,8 @@ from .reparam_guard import guard_foreign_reparam
 from .report import Report
 from .swap_modules import ModuleSwaps
 from ..matching.find_sites import ConvCall, find_conv_calls
-from ..matching.tracing import AcfxTracer, shared_module_names, tied_tensor_names, trace_parts
+from ..matching.tracing import AcfxTracer, module_calls, shared_module_names, tied_tensor_names, trace_parts
+from ..matching.untraced_reach import hook_owners
 
 __all__ = ["expand"]
 
@@ -118,7 +119,7 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
     target = working_copy(model, inplace, "expand")
     tracer = lambda: AcfxTracer(leaf_types=(ACBlock, NormTail, OnlineACConv) + opts.leaf_modules)  # noqa: E731
     parts, untraced = trace_parts(target, tracer)
-    shared, tied = shared_module_names(target), tied_tensor_names(target)
+    shared, tied, hooks = shared_module_names(target), tied_tensor_names(target), hook_owners(target)
     other = _OtherMode(target, tracer, shared, tied, opts.include_unnormed)
     report = Report("expand")
     for part in untraced:
@@ -126,7 +127,7 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
     replacements: Dict[str, nn.Module] = {}
     hooked: List[str] = []
     for part in parts:
-        for call in find_conv_calls(part, shared, untraced, tied):
+        for call in find_conv_calls(part, shared, untraced + hooks, tied):
             replacements.update(_rewrite_site(call, opts, report, hooked, other))
     swaps = ModuleSwaps(target)
     try:
@@ -152,20 +153,31 @@ class _OtherMode:
                  include_unnormed: bool) -> None:
         self.mode = "eval" if target.training else "train"
         parts, untraced = trace_parts(target, tracer, training=not target.training)
+        owners = untraced + hook_owners(target)
         self.parts = [part.name for part in parts]
         self.untraced = {part.name: part.error for part in untraced}
         self.sites = {}
+        # Each BN's calls in this mode, and the convs whose output it takes.
+        self.norm_calls: Dict[str, int] = {}
+        self.norm_feeders: Dict[str, set] = {}
         for part in parts:
-            for call in find_conv_calls(part, shared, untraced, tied):
+            for called, count in module_calls(part.graph).items():
+                self.norm_calls[part.qualify(called)] = count
+            for call in find_conv_calls(part, shared, owners, tied):
                 verdict = expand_verdict(call, None, include_unnormed)
                 self.sites[call.name] = (verdict, call.norm_name if verdict.no_norm is None else None)
+                if call.norm_name:
+                    self.norm_feeders.setdefault(call.norm_name, set()).add(call.name)
 
     def reason(self, call: ConvCall, norm_name: Optional[str]) -> Optional[str]:
         """Why ``call``, rewritten in the model's own mode with the BN ``norm_name``, cannot be in the other."""
+        if call.name in self.sites and self.sites[call.name][0].skip:
+            return f"in {self.mode} mode the forward takes another path here: {self.sites[call.name][0].skip}"
+        if norm_name and self.norm_calls.get(norm_name, 0) and self.norm_feeders.get(norm_name) != {call.name}:
+            return (f"in {self.mode} mode the forward takes another path here: BatchNorm {norm_name} normalises "
+                    "another input there")
         if call.name in self.sites:
             verdict, other_norm = self.sites[call.name]
-            if verdict.skip:
-                return f"in {self.mode} mode the forward takes another path here: {verdict.skip}"
             if other_norm != norm_name:
                 return (f"in {self.mode} mode the forward takes another path here: the conv's output goes to "
                         f"{other_norm or 'no BatchNorm'}, not {norm_name or 'no BatchNorm'}")

@@ -15,6 +15,7 @@ from .report import Report
 from .swap_modules import ModuleSwaps
 from ..matching.find_sites import ConvCall, find_conv_calls
 from ..matching.tracing import shared_module_names, tied_tensor_names, trace_parts
+from ..matching.untraced_reach import hook_owners
 
 __all__ = ["fold_norms", "fold_site"]
 
@@ -47,9 +48,10 @@ def fold_norms(swaps: ModuleSwaps, make_tracer, report: Report, hooked: List[str
     ones left because of hooks in ``hooked``, BNs folded while in train mode in ``in_train_mode``."""
     parts, untraced = trace_parts(swaps.root, make_tracer, training=False)  # what is folded is the eval path
     shared, tied = shared_module_names(swaps.root), tied_tensor_names(swaps.root)
+    owners = untraced + hook_owners(swaps.root)  # code tracing does not see
     replacements: Dict[str, nn.Module] = {}
     for part in parts:
-        for call in find_conv_calls(part, shared, untraced, tied):
+        for call in find_conv_calls(part, shared, owners, tied):
             if call.norm is None and not call.functional_norm:
                 continue  # no BN to fold: not a fold site
             verdict = fold_verdict(call)

@@ -30,7 +30,8 @@ class ExpandOptions:
     (or tested against) its fields. See :func:`acfx.expand` for what each one means."""
 
     init: str = _option("scratch", ("scratch", "preserve"),
-                        "new branches as nn.Conv2d initialises them, BN γ=1, β=0; or function-preserving (new BN γ=β=0)")
+                        "new branches as nn.Conv2d initialises them, BN γ=1, β=0; "
+                        "or function-preserving (new BN γ=β=0)")
     branches: str = _option("both", ("both", "hor", "ver"), "which asymmetric branches (the paper's Table 4)",
                             structural=True)
     norm: Optional[str] = _option(None, ("branch", "sum"), "exact mode: one BN per branch (the default), or the "

@@ -46,7 +46,8 @@ def _conv_reason(call: ConvCall) -> Optional[str]:
         return f"module registered under several names {list(call.aliases)}"
     if call.conv_use:
         return call.conv_use
-    if conv_window(call.conv) is None and isinstance(call.conv.padding, str) and call.conv.padding not in ("same", "valid"):
+    padding = call.conv.padding
+    if conv_window(call.conv) is None and isinstance(padding, str) and padding not in ("same", "valid"):
         return f"padding={call.conv.padding!r} cannot be resolved"
     return None
 

@@ -204,7 +204,8 @@ def _whole_modules(keys: List[str], all_keys) -> bool:
 
 
 def _hint(model: nn.Module, model_keys, checkpoint_keys, missing, unexpected, shapes) -> str:
-    model_mode, checkpoint_mode = expanded_mode(dict.fromkeys(model_keys)), expanded_mode(dict.fromkeys(checkpoint_keys))
+    model_mode = expanded_mode(dict.fromkeys(model_keys))
+    checkpoint_mode = expanded_mode(dict.fromkeys(checkpoint_keys))
     if checkpoint_mode and not model_mode:
         return (f" The checkpoint is of an expanded (ACNet, mode='{checkpoint_mode}') model and the model is plain: "
                 "expand the model first (acfx.expand with the options used for training), or convert the "

@@ -71,7 +71,8 @@ def build_matching(name: str, state: Mapping[str, torch.Tensor], num_classes: Op
         return build_model(name, num_classes=num_classes, **kwargs)
     model = build_model(name, **kwargs)
     key = _classifier_key(model)
-    if key is not None and key in state and state[key].ndim >= 1 and state[key].shape[0] != model.state_dict()[key].shape[0]:
+    saved = state.get(key) if key is not None else None
+    if saved is not None and saved.ndim >= 1 and saved.shape[0] != model.state_dict()[key].shape[0]:
         return build_model(name, num_classes=int(state[key].shape[0]), **kwargs)
     return model
 
