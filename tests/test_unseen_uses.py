@@ -587,3 +587,66 @@ def test_getattr_of_a_constant_name_is_not_a_dynamic_lookup():
     torch.manual_seed(0)
     report = _check_preserved(FlagByGetattr(), torch.randn(2, 3, 8, 8))
     assert [e.name for e in report.of("expanded")] == ["blk.conv"]
+
+
+# -- round 3: what code that does not trace can and cannot reach -------------------------------------------
+class LayerLoop(nn.Module):
+    """mmdet-style: the top looks its stages up by computed name (direct children only) and does not trace."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, C, 3, padding=1, bias=False), nn.BatchNorm2d(C), nn.ReLU())
+        self.layer1 = Block()
+        self.stages = ["layer1"]
+
+    def forward(self, x):
+        assert x.shape[-1] >= 4, "input too small"  # a check on the input: the top does not trace
+        x = self.stem(x)
+        for name in self.stages:
+            x = getattr(self, name)(x)
+        return x
+
+
+def test_computed_getattr_on_self_reaches_direct_children_only():
+    torch.manual_seed(0)
+    report = _check_preserved(LayerLoop(), torch.randn(2, 3, 8, 8))
+    assert sorted(e.name for e in report.of("expanded")) == ["layer1.conv", "stem.0"]
+
+
+class IndexesContainer(nn.Module):
+    """The top does not trace and calls one item of a Sequential(conv, bn) on its own."""
+
+    def __init__(self):
+        super().__init__()
+        self.seq = nn.Sequential(nn.Conv2d(3, C, 3, padding=1), nn.BatchNorm2d(C))
+
+    def forward(self, x):
+        if x.mean() < -100:
+            return x
+        return self.seq(x) + self.seq[1](self.seq[0](x) * 2)
+
+
+def test_indexing_a_container_reaches_its_items():
+    torch.manual_seed(0)
+    report = _check_preserved(IndexesContainer(), torch.randn(2, 3, 8, 8))
+    assert "indexes 'seq'" in _site_reason(report, "seq.0")
+
+
+class ListOfBlocks(nn.Module):
+    """YOLOv8's C2f: the forward does not trace (a Proxy is iterated); its blocks sit in a ModuleList."""
+
+    def __init__(self):
+        super().__init__()
+        self.m = nn.ModuleList([Block(), Block()])
+
+    def forward(self, x):
+        ys = list(x.chunk(2, 1))
+        ys.extend(block(ys[-1]) for block in self.m)
+        return torch.cat(ys, 1)
+
+
+def test_the_items_of_a_module_list_under_code_that_does_not_trace_are_traced_and_reported():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 2 * C, 1), ListOfBlocks())
+    report = _check_preserved(model, torch.randn(2, 3, 8, 8))
+    assert sorted(e.name for e in report.of("expanded")) == ["1.m.0.conv", "1.m.1.conv"]

@@ -213,7 +213,7 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
             graph = tracer.trace(module)
         except Exception as error:  # any failure of symbolic tracing means: try the children
             untraced.append(UntracedPart(name, _first_line(error), reach_of(real[name])))
-            for child_name, child in module.named_children():
+            for child_name, child in _children(module):
                 if not isinstance(child, skip) and not tracer.is_leaf_module(child, child_name):
                     visit(f"{name}.{child_name}" if name else child_name, child)
             return
@@ -238,6 +238,18 @@ def _storage(tensor: torch.Tensor) -> Optional[int]:
         return tensor.untyped_storage().data_ptr() or None
     except (RuntimeError, NotImplementedError):  # tensor subclasses without storage
         return None
+
+
+def _children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The children to trace when ``module`` does not: a ModuleList or ModuleDict has no forward of its own
+    (fx counts it a leaf, being torch.nn's), so its items stand in for it."""
+    found = []
+    for name, child in module.named_children():
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
+            found += [(f"{name}.{item_name}", item) for item_name, item in _children(child)]
+        else:
+            found.append((name, child))
+    return found
 
 
 class _NotTraceable(Exception):

@@ -34,30 +34,53 @@ class Reach:
     held: FrozenSet[int]
 
 
-def _constant_getattr_names(code: types.CodeType) -> Optional[Set[str]]:
+def _first_argument(code: types.CodeType) -> Optional[str]:
+    return code.co_varnames[0] if code.co_argcount else None
+
+
+def _constant_getattr_names(code: types.CodeType, own_lookup_ok: bool) -> Optional[Set[str]]:
     """The attribute names ``getattr`` is called with in ``code`` when each is a constant string (None:
-    some call looks a name up that is not written in the code)."""
+    some call looks a name up that is not written in the code). ``own_lookup_ok``: a computed name looked up
+    on the function's first argument (``getattr(self, name)``, mmdet's layer loop) reaches only a direct
+    child, which the caller counts as called whole."""
     instructions = [i for i in dis.get_instructions(code) if i.opname not in ("PUSH_NULL", "PRECALL", "CACHE")]
     names: Set[str] = set()
     for index, instruction in enumerate(instructions):
         if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME") and instruction.argval == "getattr":
+            owner = instructions[index + 1] if index + 1 < len(instructions) else None
             constant = instructions[index + 2] if index + 2 < len(instructions) else None
-            if constant is None or constant.opname != "LOAD_CONST" or not isinstance(constant.argval, str):
+            if constant is not None and constant.opname == "LOAD_CONST" and isinstance(constant.argval, str):
+                names.add(constant.argval)
+            elif not (own_lookup_ok and owner is not None and owner.opname == "LOAD_FAST"
+                      and owner.argval == _first_argument(code)):
                 return None
-            names.add(constant.argval)
     return names
 
 
-def _code_names(code: types.CodeType) -> Optional[Set[str]]:
-    names = set(code.co_names)
+def _indexed_containers(code: types.CodeType) -> Set[str]:
+    """``[]X`` for each attribute X of the first argument the code indexes (``self.seq[0](x)`` calls one
+    item of a container, which may be a conv or a BN on its own)."""
+    instructions = [i for i in dis.get_instructions(code) if i.opname not in ("PUSH_NULL", "PRECALL", "CACHE")]
+    first = _first_argument(code)
+    found = set()
+    for index in range(len(instructions) - 2):
+        load, attribute = instructions[index], instructions[index + 1]
+        if load.opname == "LOAD_FAST" and load.argval == first and attribute.opname in ("LOAD_ATTR", "LOAD_METHOD"):
+            if any(i.opname == "BINARY_SUBSCR" for i in instructions[index + 2:index + 4]):
+                found.add(f"[]{attribute.argval}")
+    return found
+
+
+def _code_names(code: types.CodeType, own_lookup_ok: bool = False) -> Optional[Set[str]]:
+    names = set(code.co_names) | _indexed_containers(code)
     if "getattr" in names:
-        constants = _constant_getattr_names(code)
+        constants = _constant_getattr_names(code, own_lookup_ok)
         if constants is None:
             return None
         names |= constants
     for const in code.co_consts:
         if isinstance(const, types.CodeType):  # nested functions, comprehensions
-            nested = _code_names(const)
+            nested = _code_names(const, own_lookup_ok=False)
             if nested is None:
                 return None
             names |= nested
@@ -97,7 +120,7 @@ def _callees(function, name: str, cls: type, names: Set[str]) -> List[object]:
     return found
 
 
-def code_names(entry, cls: type) -> Optional[FrozenSet[str]]:
+def code_names(entry, cls: type, own_lookup_ok: bool = False) -> Optional[FrozenSet[str]]:
     """Names the code starting at ``entry`` (a function or method of an object of class ``cls``) uses,
     through the methods, properties and module functions it names, transitively (None: it looks
     modules up dynamically, or runs code that cannot be read)."""
@@ -114,7 +137,7 @@ def code_names(entry, cls: type) -> Optional[FrozenSet[str]]:
         if code in seen:
             continue
         seen.add(code)
-        found = _code_names(code)
+        found = _code_names(code, own_lookup_ok)
         if found is None:
             return None
         names |= found
@@ -134,7 +157,7 @@ def _names(module: nn.Module) -> Optional[FrozenSet[str]]:
         entries.append(type(module).__call__)
     names: Set[str] = set()
     for entry in entries:
-        found = code_names(entry, type(module))
+        found = code_names(entry, type(module), own_lookup_ok=True)
         if found is None:
             return None
         names |= found
@@ -232,6 +255,9 @@ def reach_reason(name: str, module: nn.Module, owners: Sequence) -> Optional[str
         used = [part for part in below if part in owner.reach.names]
         if used:
             return f"{what} names {used}, so it may call this module directly, unseen; {fix}"
+        path = name[len(prefix):].split(".")
+        if len(path) >= 2 and path[-1].isdigit() and f"[]{path[-2]}" in owner.reach.names:
+            return f"{what} indexes '{path[-2]}', so it may call this module directly, unseen; {fix}"
         if id(module) in owner.reach.held:
             return f"{what} holds this module in a plain attribute, so it may call it directly; {fix}"
     return None
