@@ -419,3 +419,28 @@ def test_unfreeze_leaves_frozen_bns_it_cannot_reproduce_with_a_warning():
         assert isinstance(unfrozen[1], FrozenBatchNorm2d)
         with torch.no_grad():
             assert_rel_close(unfrozen(x), y)
+
+
+def test_ssdlite_heads_expand_under_code_that_does_not_trace_and_collapse_exactly():
+    # SSD's heads do not trace; their convs sit in ModuleLists, traced item by item (12 of the 32 sites).
+    import torchvision
+    torch.manual_seed(0)
+    model = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
+    model = randomize_bn(model.double()).eval()
+    x = torch.randn(1, 3, 128, 128, dtype=torch.float64)
+
+    def head(m):
+        out = m.head(list(m.backbone(x).values()))
+        return torch.cat([out["bbox_regression"].flatten(), out["cls_logits"].flatten()])
+
+    with torch.no_grad():
+        y = head(model)
+        acnet, report = acfx.expand(model, init="preserve", return_report=True)
+        assert sum(".module_list." in e.name for e in report.of("expanded")) == 12, report
+        assert_rel_close(head(acnet.eval()), y, what="expanded heads (float64)")
+        randomize_bn(acnet, seed=3)
+        y = head(acnet)
+        collapsed = acfx.collapse(acnet)
+        assert_rel_close(head(collapsed), y, what="collapsed heads (float64)")
+    fresh = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
+    fresh.double().load_state_dict(collapsed.state_dict(), strict=True)
