@@ -126,3 +126,13 @@ def test_check_sizes_must_be_positive(flag, value, capsys):
 def test_check_refuses_video_models_in_one_line(capsys):
     assert main(["check", "tv:r3d_18"]) == 2
     assert "is a video model" in capsys.readouterr().err
+
+
+def test_checkpoint_without_recorded_layouts_warns_and_num_classes_may_come_as_a_model_kwarg(tmp_path, capsys):
+    model = _trained("acb_resnet10t", num_classes=10)
+    path, out = tmp_path / "old.pth", tmp_path / "plain.pth"
+    torch.save({k: v for k, v in model.state_dict().items() if not k.endswith(".layout")}, path)
+    assert main(["collapse", str(path), "--model", "resnet10t", "--model-kwargs", "num_classes=10",
+                 "-o", str(out)]) == 0
+    assert "records no block layouts" in capsys.readouterr().err
+    _collapses_to(out, "resnet10t", model, torch.randn(2, 3, 64, 64), num_classes=10)

@@ -143,6 +143,9 @@ def _model_kwargs(args: argparse.Namespace, checkpoint) -> Tuple[dict, dict]:
     if acb:
         print(f"expand options recorded in the checkpoint (acb_ keywords): {acb}")
     given = _parse_kwargs(args.model_kwargs)
+    if "num_classes" in given:  # the builder gets it once, from --num-classes or from here
+        classes = given.pop("num_classes")
+        args.num_classes = classes if args.num_classes is None else args.num_classes
     acb.update({k[len("acb_"):]: given.pop(k) for k in list(given) if k.startswith("acb_")})
     acb.pop("impl", None)
     from .checkpoint import expanded_mode
@@ -182,6 +185,10 @@ def cmd_collapse(args: argparse.Namespace) -> int:
     from .outputs import output_path
     output = output_path(args.checkpoint, args.output, "collapsed", args.force)  # before any work
     checkpoint, name, kwargs, acb = _read(args)
+    if acb.get("mode") and not any(k.endswith(".layout") for k in checkpoint.state):
+        print("warning: this checkpoint records no block layouts (written before acfx 0.2.0), so the expand "
+              "options cannot be checked against it: pass exactly those of training (--placement, --branches, "
+              "--norm, --include-unnormed, --mode)", file=sys.stderr)
     result = collapse_checkpoint(checkpoint, name, output, num_classes=args.num_classes, fold_bn=args.fold_bn,
                                  model_kwargs=kwargs, tolerance=args.tolerance, **_expand_kwargs(args, acb))
     _print_conversion(result, "collapsed")
