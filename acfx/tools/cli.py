@@ -13,10 +13,13 @@ import torch
 __all__ = ["main"]
 
 
-def _expand_options(parser: argparse.ArgumentParser) -> None:
+def _expand_options(parser: argparse.ArgumentParser, for_checkpoint: bool = True) -> None:
     """The expand options that change a model's modules and tensors, from ExpandOptions' fields."""
     from ..passes.options import ExpandOptions
-    group = parser.add_argument_group("expand options (must match those the checkpoint was trained with)")
+    group = parser.add_argument_group(
+        "expand options (must match those the checkpoint was trained with; left at their defaults, they are "
+        "taken from a train.py checkpoint's acb_ keywords, and --mode from the checkpoint's keys)"
+        if for_checkpoint else "expand options")
     for field in ExpandOptions.fields(structural=True):
         flag = "--" + field.name.replace("_", "-")
         help_text = field.metadata["help"]
@@ -315,7 +318,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="max relative error, a positive number (default: 1e-5)")
     check.add_argument("--seed", type=int, default=0, help="random seed (default: 0)")
     check.add_argument("--sites", action="store_true", help="print every site, not a summary")
-    _expand_options(check)
+    _expand_options(check, for_checkpoint=False)
     check.set_defaults(func=cmd_check)
 
     col = sub.add_parser("collapse", help="expanded (ACNet) training checkpoint → checkpoint of the plain model",
