@@ -16,7 +16,6 @@ import torch.nn.functional as F
 
 from ..layers.norms import is_batch_norm
 from .tracing import TracedPart, UntracedPart, module_calls
-from .untraced_reach import reach_reason
 
 __all__ = ["ConvCall", "find_conv_calls"]
 
@@ -89,8 +88,7 @@ def _other_use(part: TracedPart, target: str, untraced: List[UntracedPart], tied
     if name in tied:
         return (f"a parameter or buffer of it is tied to {tied[name][:3]}: rewriting one holder would break the tie "
                 "(untie them, or exclude this site)")
-    return (part.call_form_reason(target) or part.attribute_reason(target)
-            or reach_reason(name, part.module.get_submodule(target), untraced))
+    return part.use_reason(target, untraced)
 
 
 def _consumer(call: ConvCall, node: fx.Node, part: TracedPart, modules: Dict[str, nn.Module], calls: Dict[str, int],

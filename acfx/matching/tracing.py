@@ -12,6 +12,7 @@ hook reads is still part of what the model computes.
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -25,7 +26,7 @@ import torch.nn as nn
 
 from ..layers.hooks import hooks_of
 from ..layers.norms import is_batch_norm
-from .untraced_reach import Reach, reach_of
+from .untraced_reach import Reach, reach_of, reach_reason
 
 __all__ = ["AcfxTracer", "TracedPart", "UntracedPart", "trace_parts", "live_nodes", "module_calls",
            "shared_module_names", "tied_tensor_names", "mutates"]
@@ -131,6 +132,13 @@ class TracedPart:
                 return f"called with {count} positional arguments; acfx rewrites calls of the form module(x)"
         return None
 
+    def use_reason(self, target: str, owners: Sequence) -> Optional[str]:
+        """Why module ``target`` (relative to the part) may be used other than by its calls ``module(x)`` in
+        the graph: another call form, a direct read of its tensors, or code tracing does not see reaching it
+        (``owners``: untraced parts and hook owners, see untraced_reach)."""
+        return (self.call_form_reason(target) or self.attribute_reason(target)
+                or reach_reason(self.qualify(target), self.module.get_submodule(target), owners))
+
     def attribute_reason(self, target: str) -> Optional[str]:
         """Why code of the part reads the parameters or buffers of module ``target`` directly (None: it does not)."""
         prefix = f"{target}."
@@ -222,7 +230,7 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
         traced.append(TracedPart(name, real[name], graph, set(tracer.observed), dict(tracer.call_forms),
                                  {k: v for k, v in constants.items() if isinstance(v, torch.Tensor)}))
 
-    with _RestoreState(root) if copied is None else _NoRestore():
+    with _RestoreState(root) if copied is None else contextlib.nullcontext():
         if training is not None:  # the flag itself: a train() the user overrode may act on shared tensors
             for module in subject.modules():
                 module.training = training
@@ -254,14 +262,6 @@ def _children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
 
 class _NotTraceable(Exception):
     pass
-
-
-class _NoRestore:
-    def __enter__(self) -> None:
-        return None
-
-    def __exit__(self, *exc) -> None:
-        return None
 
 
 _INPLACE_OPERATORS = {operator.setitem, operator.iadd, operator.isub, operator.imul, operator.itruediv,

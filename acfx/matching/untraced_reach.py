@@ -38,12 +38,17 @@ def _first_argument(code: types.CodeType) -> Optional[str]:
     return code.co_varnames[0] if code.co_argcount else None
 
 
+def _instructions(code: types.CodeType) -> List[dis.Instruction]:
+    """The instructions that carry meaning here (no call bookkeeping), so that neighbours are operands."""
+    return [i for i in dis.get_instructions(code) if i.opname not in ("PUSH_NULL", "PRECALL", "CACHE")]
+
+
 def _constant_getattr_names(code: types.CodeType, own_lookup_ok: bool) -> Optional[Set[str]]:
     """The attribute names ``getattr`` is called with in ``code`` when each is a constant string (None:
     some call looks a name up that is not written in the code). ``own_lookup_ok``: a computed name looked up
     on the function's first argument (``getattr(self, name)``, mmdet's layer loop) reaches only a direct
     child, which the caller counts as called whole."""
-    instructions = [i for i in dis.get_instructions(code) if i.opname not in ("PUSH_NULL", "PRECALL", "CACHE")]
+    instructions = _instructions(code)
     names: Set[str] = set()
     for index, instruction in enumerate(instructions):
         if instruction.opname in ("LOAD_GLOBAL", "LOAD_NAME") and instruction.argval == "getattr":
@@ -60,7 +65,7 @@ def _constant_getattr_names(code: types.CodeType, own_lookup_ok: bool) -> Option
 def _indexed_containers(code: types.CodeType) -> Set[str]:
     """``[]X`` for each attribute X of the first argument the code indexes (``self.seq[0](x)`` calls one
     item of a container, which may be a conv or a BN on its own)."""
-    instructions = [i for i in dis.get_instructions(code) if i.opname not in ("PUSH_NULL", "PRECALL", "CACHE")]
+    instructions = _instructions(code)
     first = _first_argument(code)
     found = set()
     for index in range(len(instructions) - 2):

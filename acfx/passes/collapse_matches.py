@@ -16,7 +16,6 @@ from ..layers.hooks import carry_hooks, hook_reason, hooks_of
 from ..matching.find_branch_sums import BranchSum, find_branch_sums
 from ..matching.scope import Scope, ScopeIndex
 from ..matching.tracing import TracedPart, UntracedPart, module_calls
-from ..matching.untraced_reach import reach_reason
 from .fuse_hand_written import FusionPlan, fuse_plan
 from .report import Report
 
@@ -68,10 +67,8 @@ def _check_own_layout(block: ACBlock, match: BranchSum, name: str) -> None:
 def _outside_use(match: BranchSum, scope: Scope, part: TracedPart, untraced: Sequence[UntracedPart],
                  calls: Dict[str, int]) -> Optional[str]:
     """Why the block, or a module inside it, is used other than by the block's calls module(x)."""
-    reach = list(untraced)
     block_calls = len(part.call_forms.get(scope.module, ())) if scope.module else 1
-    reason = (part.call_form_reason(scope.module) if scope.module else None) or \
-        reach_reason(part.qualify(scope.module), part.module.get_submodule(scope.module), reach)
+    reason = part.use_reason(scope.module, untraced) if scope.module else None
     if reason:
         return f"the block is {reason}" if reason.startswith("called") else reason
     for node in sorted(match.nodes, key=lambda n: n.name):
@@ -80,8 +77,7 @@ def _outside_use(match: BranchSum, scope: Scope, part: TracedPart, untraced: Seq
         name = part.qualify(node.target)
         if calls[node.target] != block_calls:
             return f"{name} is also called outside the block; fusing it away would break that call"
-        reason = (part.call_form_reason(node.target) or part.attribute_reason(node.target)
-                  or reach_reason(name, part.module.get_submodule(node.target), reach))
+        reason = part.use_reason(node.target, untraced)
         if reason:
             return f"{name}: {reason}"
     return None

@@ -171,22 +171,22 @@ class _OtherMode:
 
     def reason(self, call: ConvCall, norm_name: Optional[str]) -> Optional[str]:
         """Why ``call``, rewritten in the model's own mode with the BN ``norm_name``, cannot be in the other."""
-        if call.name in self.sites and self.sites[call.name][0].skip:
-            return f"in {self.mode} mode the forward takes another path here: {self.sites[call.name][0].skip}"
+        if call.name not in self.sites and not any(call.name.startswith(f"{part}.") or not part for part in self.parts):
+            owner = max((name for name in self.untraced if not name or call.name.startswith(f"{name}.")), key=len,
+                        default="")
+            return f"in {self.mode} mode '{owner or '<model>'}' does not trace ({self.untraced.get(owner, '')})"
+        difference = self._difference(call, norm_name)
+        return None if difference is None else f"in {self.mode} mode the forward takes another path here: {difference}"
+
+    def _difference(self, call: ConvCall, norm_name: Optional[str]) -> Optional[str]:
+        verdict, other_norm = self.sites.get(call.name, (None, norm_name))  # absent: not called in this mode
+        if verdict is not None and verdict.skip:
+            return verdict.skip
         if norm_name and self.norm_calls.get(norm_name, 0) and self.norm_feeders.get(norm_name) != {call.name}:
-            return (f"in {self.mode} mode the forward takes another path here: BatchNorm {norm_name} normalises "
-                    "another input there")
-        if call.name in self.sites:
-            verdict, other_norm = self.sites[call.name]
-            if other_norm != norm_name:
-                return (f"in {self.mode} mode the forward takes another path here: the conv's output goes to "
-                        f"{other_norm or 'no BatchNorm'}, not {norm_name or 'no BatchNorm'}")
-            return None
-        if any(call.name.startswith(f"{part}.") or not part for part in self.parts):
-            return None  # traced in the other mode and not called there: the rewrite is never seen in it
-        owner = max((name for name in self.untraced if not name or call.name.startswith(f"{name}.")), key=len,
-                    default="")
-        return f"in {self.mode} mode '{owner or '<model>'}' does not trace ({self.untraced.get(owner, '')})"
+            return f"BatchNorm {norm_name} normalises another input there"
+        if other_norm != norm_name:
+            return f"the conv's output goes to {other_norm or 'no BatchNorm'}, not {norm_name or 'no BatchNorm'}"
+        return None
 
 
 def _rewrite_site(call: ConvCall, opts: ExpandOptions, report: Report, hooked: List[str], other: _OtherMode
