@@ -23,6 +23,7 @@ from .fusion import Term, combine, fuse_pair
 from .geometry import Window
 from .layout import ASYMMETRIC, BRANCHES, BlockLayout, layout_difference
 from .padding import crop_sides
+from .recorded_layout import RecordedLayout
 from .convs import kernel_of
 
 # True inside fx.symbolic_trace; older torch only has is_fx_tracing, which export sets too.
@@ -35,7 +36,7 @@ def _sides(window: Window) -> Tuple[int, int, int, int]:
     return (window.top, window.bottom, window.left, window.right)
 
 
-class ACBlock(nn.Module):
+class ACBlock(RecordedLayout):
     """k×k, 1×k and k×1 convolutions on one input, each with its own BN (if any), summed.
 
     Built by :func:`acfx.expand` from a :class:`~acfx.layers.layout.BlockLayout` (where each branch reads and sits
@@ -77,11 +78,7 @@ class ACBlock(nn.Module):
         self._tail: tuple = ()  # the NormTail in the BN's slot, set by NormTail
         # A plain flag (compilers read it without a look at the tail): a NormTail adds the eval shift.
         self.paired = False
-        record = layout.record({name: norms.get(name) is not None for name in BRANCHES})
-        device = next((t.device for t in self._tensors()), None)
-        # The record itself lives here; the buffer carries it into checkpoints (refreshed after to_empty).
-        self._layout_record: List[int] = list(record)
-        self.register_buffer("layout", torch.tensor(record, dtype=torch.int64, device=device))
+        self._register_layout(next((t.device for t in self._tensors()), None))
 
     def tail(self) -> Optional["NormTail"]:
         """The NormTail in the BN's slot after this block (None: the block's output is its own)."""
@@ -191,29 +188,12 @@ class ACBlock(nn.Module):
         return self._template[0] if self._template else None
 
     # -- checkpoints --------------------------------------------------------------------------------------
-    def _apply(self, fn, *args, **kwargs):
-        """Moves and materialisations (``to_empty`` leaves uninitialised memory) keep the recorded layout."""
-        module = super()._apply(fn, *args, **kwargs)
-        record = self.__dict__.get("_layout_record")  # absent from blocks pickled by acfx 0.2.0
-        if record is not None and self.layout.device.type != "meta":
-            with torch.no_grad():
-                self.layout.copy_(torch.tensor(record, dtype=self.layout.dtype))
-        return module
+    def layout_values(self) -> List[int]:
+        """How the branch kernels add up (BlockLayout.record), saved as the ``layout`` buffer."""
+        return self.plan.record({name: getattr(self, name + "_bn") is not None for name in self.branch_names()})
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        key = prefix + "layout"
-        saved = state_dict.get(key)
-        if saved is not None:
-            record = self.__dict__.get("_layout_record")
-            problem = layout_difference(saved, self.layout if record is None else torch.tensor(record))
-            if problem:
-                error_msgs.append(f"{prefix or '<model>.'}layout: {problem}")
-                return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if saved is None and key in missing_keys:  # checkpoints from before the layout was recorded
-            missing_keys.remove(key)
+    def layout_problem(self, saved: torch.Tensor) -> Optional[str]:
+        return layout_difference(saved, torch.tensor(self.layout_values()))
 
     def extra_repr(self) -> str:
         kinds = [name for name in ASYMMETRIC if getattr(self, name) is not None]

@@ -8,7 +8,7 @@ costs. Collapsing is exact too: the merged kernel is the conv's weight.
 from __future__ import annotations
 
 import math
-from typing import Optional, Tuple
+from typing import List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,12 +18,13 @@ from torch.func import functional_call
 from .module_copies import refill_conv
 from .cfg_links import restore_cfg
 from .layout import conv_geometry, plan_block
+from .recorded_layout import RecordedLayout
 from .split_conv import even_channel_mask, split_between_lines
 
 __all__ = ["OnlineACConv"]
 
 
-class OnlineACConv(nn.Module):
+class OnlineACConv(RecordedLayout):
     """One conv whose k×k kernel is α_sq·W_sq + α_hor·W_1×k + α_ver·W_k×1, merged at every forward.
 
     ``conv`` is the original conv (its weight is W_sq; its class and configuration, padding modes and timm's
@@ -50,10 +51,8 @@ class OnlineACConv(nn.Module):
         self.ver_weight = self._new_weight((out, per_group, kh, 1)) if self.cols else None
         self.hor_scale = self._new_scale(asym_scale) if self.rows else None
         self.ver_scale = self._new_scale(asym_scale) if self.cols else None
-        self.register_buffer("even_channels", even_channel_mask(out, ref), persistent=False)
         # How the kernels add up, saved with the weights: a checkpoint trained with another placement is refused.
-        self.register_buffer("layout", torch.tensor([1, *(self.rows or (-1, 0)), *(self.cols or (-1, 0))],
-                                                    dtype=torch.int64, device=ref.device))
+        self._register_layout(ref.device)
         self.training = conv.training
         for name, param in self.named_parameters():
             if not name.startswith("conv."):  # the new parameters follow the conv's weight; the conv is not touched
@@ -73,7 +72,7 @@ class OnlineACConv(nn.Module):
         first, span = line
         weight = weight * scale.view(-1, 1, 1, 1)
         if span == 2:
-            weight = split_between_lines(weight, axis, self.even_channels.to(weight.dtype))
+            weight = split_between_lines(weight, axis, even_channel_mask(self.conv.out_channels, weight))
         kh, kw = self.conv.kernel_size
         h, w = weight.shape[-2:]
         top, left = (first, 0) if axis == "rows" else (0, first)
@@ -111,20 +110,16 @@ class OnlineACConv(nn.Module):
         bias = None if self.conv.bias is None else self.conv.bias.detach().clone()
         return refill_conv(self.conv, weight, bias)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs) -> None:
-        key = prefix + "layout"
-        saved = state_dict.get(key)
-        if saved is not None and saved.flatten().tolist() != self.layout.tolist():
-            error_msgs.append(f"{prefix or '<model>.'}layout: the checkpoint's asymmetric kernels sit elsewhere "
-                              f"(rows, cols {saved.flatten().tolist()[1:]} in the checkpoint vs "
-                              f"{self.layout.tolist()[1:]} here): expand with the placement / branches the "
-                              "checkpoint was trained with")
-            return
-        super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                                      error_msgs)
-        if saved is None and key in missing_keys:  # checkpoints from before the layout was recorded
-            missing_keys.remove(key)
+    def layout_values(self) -> List[int]:
+        """(version, first row and rows of the 1×k kernel, first column and columns of the k×1 kernel)."""
+        return [1, *(self.rows or (-1, 0)), *(self.cols or (-1, 0))]
+
+    def layout_problem(self, saved: torch.Tensor) -> Optional[str]:
+        saved_values, own = saved.flatten().tolist(), self.layout_values()
+        if saved_values == own:
+            return None
+        return (f"the checkpoint's asymmetric kernels sit elsewhere (rows, cols {saved_values[1:]} in the checkpoint "
+                f"vs {own[1:]} here): expand with the placement / branches the checkpoint was trained with")
 
     @property
     def bias(self) -> Optional[torch.Tensor]:

@@ -49,7 +49,6 @@ class EvenSplitConv2d(nn.Module):
         self.padding = tuple(padding)
         self.weight = nn.Parameter(torch.empty(
             out_channels, in_channels // groups, *self.kernel_size, device=device, dtype=dtype))
-        self.register_buffer("even_channels", even_channel_mask(out_channels, self.weight), persistent=False)
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -58,7 +57,9 @@ class EvenSplitConv2d(nn.Module):
 
     def effective_weight(self) -> torch.Tensor:
         """The 2-line kernel this branch convolves with: [out, in/groups, 2, k] or [out, in/groups, k, 2]."""
-        return split_between_lines(self.weight, self.axis, self.even_channels.to(self.weight.dtype))
+        # The channel mask is derived, not stored: nothing that defines the kernel lives outside the state_dict
+        # (to_empty or a meta-device build would leave a stored mask uninitialised, and no checkpoint restores it).
+        return split_between_lines(self.weight, self.axis, even_channel_mask(self.out_channels, self.weight))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.conv2d(x, self.effective_weight(), None, self.stride, self.padding, self.dilation,

@@ -18,6 +18,8 @@ from typing import Dict, List, Mapping, Optional, Set, Union
 import torch
 import torch.nn as nn
 
+from ..layers.recorded_layout import LAYOUT_KEY, RecordedLayout
+
 __all__ = ["Checkpoint", "read_checkpoint", "read_state_dict", "checkpoint_info", "load_state_dict_strict",
            "write_state_dict", "CheckpointMismatch", "LAYOUT_KEY"]
 
@@ -38,8 +40,6 @@ def expanded_mode(state: Mapping[str, object]) -> Optional[str]:
     if any(key.endswith(_ONLINE_MARKERS) for key in state):
         return "online"
     return "exact" if any(key.endswith(_ACB_MARKERS) for key in state) else None
-# The buffer in which an ACBlock / OnlineACConv records how its kernels add up (acfx ≥ 0.2 checkpoints).
-LAYOUT_KEY = "layout"
 
 
 class CheckpointMismatch(ValueError):
@@ -163,28 +163,19 @@ def checkpoint_info(path: Union[str, os.PathLike]) -> Dict[str, object]:
     return info
 
 
-def _layout_owners(model: nn.Module) -> Dict[str, nn.Module]:
+def _layout_owners(model: nn.Module) -> Dict[str, RecordedLayout]:
     """state_dict key of each recorded block layout -> the block."""
-    from ..layers.block import ACBlock
-    from ..layers.online import OnlineACConv
     return {f"{name}.{LAYOUT_KEY}" if name else LAYOUT_KEY: module for name, module in model.named_modules()
-            if isinstance(module, (ACBlock, OnlineACConv))}
+            if isinstance(module, RecordedLayout)}
 
 
-def _layout_problems(owners: Dict[str, nn.Module], state: Mapping[str, torch.Tensor]) -> List[str]:
-    from ..layers.block import ACBlock
-    from ..layers.layout import layout_difference
+def _layout_problems(owners: Dict[str, RecordedLayout], state: Mapping[str, torch.Tensor]) -> List[str]:
     problems = []
     for key, block in owners.items():
         saved = state.get(key)
         if saved is None or tuple(saved.shape) != tuple(block.layout.shape):
             continue  # absent: written before layouts were recorded; a shape mismatch is listed with the others
-        if isinstance(block, ACBlock):
-            problem = layout_difference(saved, block.layout)
-        else:
-            same = saved.flatten().tolist() == block.layout.tolist()
-            problem = None if same else ("the asymmetric kernels sit elsewhere than in this model: expand with the "
-                                         "placement / branches the checkpoint was trained with")
+        problem = block.layout_problem(saved)
         if problem:
             problems.append(f"{key[:-len(LAYOUT_KEY) - 1] or '<model>'}: {problem}")
     return problems
