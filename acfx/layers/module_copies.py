@@ -8,7 +8,7 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-__all__ = ["hollow_copy", "refill_conv"]
+__all__ = ["hollow_copy", "refill_conv", "copy_modes"]
 
 
 _HOOK_DICTS = ("_forward_pre_hooks", "_forward_pre_hooks_with_kwargs", "_forward_hooks", "_forward_hooks_with_kwargs",
@@ -43,3 +43,27 @@ def refill_conv(conv: nn.Conv2d, weight: torch.Tensor, bias: Optional[torch.Tens
     new.register_parameter("bias", None if bias is None else nn.Parameter(bias, requires_grad))
     new.train(conv.training if training is None else training)
     return new
+
+
+def _kind(module: nn.Module) -> type:
+    """The class a module was written as (every GraphModule instance gets a class of its own)."""
+    kind = type(module)  # (whose name a feature extractor may change: __qualname__ keeps it)
+    return kind.__mro__[1] if kind.__qualname__.endswith("GraphModuleImpl") else kind
+
+
+def copy_modes(source: nn.Module, copied: nn.Module) -> bool:
+    """Give every module of ``copied`` (a deep copy of ``source``) the training flag of its original; False
+    when the copy does not have the modules the source has.
+
+    Deep copies do not always keep the mode: a GraphModule copies itself in train mode (torchvision's feature
+    extractors included), whatever mode it was in.
+    """
+    originals = list(source.named_modules(remove_duplicate=False))
+    copies = list(copied.named_modules(remove_duplicate=False))
+    if len(originals) != len(copies):
+        return False
+    for (name, original), (copy_name, module) in zip(originals, copies):
+        if name != copy_name or _kind(original) is not _kind(module):
+            return False
+        module.training = original.training
+    return True

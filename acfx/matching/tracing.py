@@ -25,6 +25,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from ..layers.hooks import hooks_of
+from ..layers.module_copies import copy_modes
 from ..layers.norms import is_batch_norm
 from .untraced_reach import Reach, reach_of, reach_reason
 
@@ -160,7 +161,7 @@ class UntracedPart:
     name: str
     error: str
     # What its code may reach below its children (untraced_reach).
-    reach: Reach = Reach(frozenset(), frozenset())
+    reach: Reach = Reach()
 
 
 def _first_line(error: BaseException) -> str:
@@ -177,9 +178,10 @@ def skeleton_copy(root: nn.Module) -> Optional[nn.Module]:
             if tensor is not None:
                 memo[id(tensor)] = tensor
     try:
-        return copy.deepcopy(root, memo)
+        copied = copy.deepcopy(root, memo)
     except Exception:  # any object deepcopy refuses: trace the model itself, with its state restored after
         return None
+    return copied if copy_modes(root, copied) else None
 
 
 class _RestoreState:
@@ -220,8 +222,9 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
                 raise _NotTraceable("its forward is replaced on the instance; fx traces the class's forward")
             graph = tracer.trace(module)
         except Exception as error:  # any failure of symbolic tracing means: try the children
-            untraced.append(UntracedPart(name, _first_line(error), reach_of(real[name])))
-            for child_name, child in _children(module):
+            reach = reach_of(root, name)
+            untraced.append(UntracedPart(name, _first_line(error), reach))
+            for child_name, child in _children(module, reach, _path(name)):
                 if not isinstance(child, skip) and not tracer.is_leaf_module(child, child_name):
                     visit(f"{name}.{child_name}" if name else child_name, child)
             return
@@ -233,9 +236,21 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
     with _RestoreState(root) if copied is None else contextlib.nullcontext():
         if training is not None:  # the flag itself: a train() the user overrode may act on shared tensors
             for module in subject.modules():
+                if copied is not None and module.training != training:
+                    _switch_dual_graph(module, training)
                 module.training = training
         visit("", subject)
     return traced, untraced
+
+
+def _switch_dual_graph(module: nn.Module, training: bool) -> None:
+    """torchvision's feature extractors (DualGraphModule) run another graph in each mode: their train()
+    swaps ``graph``. On the traced copy (a class of its own, as every GraphModule has) the swap is done here,
+    since train() itself is never called."""
+    graphs = vars(module)
+    if isinstance(module, fx.GraphModule) and isinstance(graphs.get("train_graph"), fx.Graph) \
+            and isinstance(graphs.get("eval_graph"), fx.Graph):
+        module.graph = graphs["train_graph"] if training else graphs["eval_graph"]
 
 
 def _storage(tensor: torch.Tensor) -> Optional[int]:
@@ -248,13 +263,21 @@ def _storage(tensor: torch.Tensor) -> Optional[int]:
         return None
 
 
-def _children(module: nn.Module) -> List[Tuple[str, nn.Module]]:
-    """The children to trace when ``module`` does not: a ModuleList or ModuleDict has no forward of its own
-    (fx counts it a leaf, being torch.nn's), so its items stand in for it."""
+def _path(name: str) -> Tuple[str, ...]:
+    return tuple(name.split(".")) if name else ()
+
+
+def _children(module: nn.Module, reach: Reach, path: Tuple[str, ...]) -> List[Tuple[str, nn.Module]]:
+    """The children to trace when ``module`` does not, as its code uses them: a ModuleList or ModuleDict has
+    no forward of its own (fx counts it a leaf, being torch.nn's), and a Sequential whose items the code
+    calls one by one but never itself (YOLO's layer loop, each layer fed other layers' outputs) does not run
+    its own forward either: their items stand in for them."""
     found = []
     for name, child in module.named_children():
-        if isinstance(child, (nn.ModuleList, nn.ModuleDict)):
-            found += [(f"{name}.{item_name}", item) for item_name, item in _children(child)]
+        own = path + (name,)
+        if isinstance(child, (nn.ModuleList, nn.ModuleDict)) or \
+                isinstance(child, nn.Sequential) and reach.uses_items_only(own):
+            found += [(f"{name}.{item_name}", item) for item_name, item in _children(child, reach, own)]
         else:
             found.append((name, child))
     return found

@@ -5,6 +5,8 @@ import copy
 
 import torch.nn as nn
 
+from ..layers.module_copies import copy_modes
+
 __all__ = ["check_model", "check_flags", "refuse_wrapped", "working_copy"]
 
 
@@ -62,11 +64,20 @@ def refuse_wrapped(model: nn.Module, pass_name: str) -> None:
 
 
 def working_copy(model: nn.Module, inplace: bool, pass_name: str) -> nn.Module:
-    """The model itself (inplace=True) or a deep copy of it, with a clear error if it cannot be copied."""
+    """The model itself (inplace=True) or a deep copy of it, with a clear error if it cannot be copied.
+
+    A copy must be the same model: some classes copy themselves into another state (a GraphModule comes back
+    in train mode, torchvision's feature extractors included, whatever mode they were in), so every module's
+    training flag is set back to the input's, and a copy whose modules differ from the input's is refused.
+    """
     if inplace:
         return model
     try:
-        return copy.deepcopy(model)
+        copied = copy.deepcopy(model)
     except Exception as error:
         raise TypeError(f"acfx.{pass_name}: could not deep-copy {type(model).__name__} ({error}); "
                         "pass inplace=True to rewrite the model itself") from error
+    if copy_modes(model, copied):
+        return copied
+    raise TypeError(f"acfx.{pass_name}: a deep copy of {type(model).__name__} does not have the modules the model has "
+                    "(its __deepcopy__ changes it); pass inplace=True to rewrite the model itself")
