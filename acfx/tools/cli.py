@@ -6,6 +6,7 @@ import ast
 import collections
 import math
 import sys
+from pathlib import Path
 from typing import List, Optional, Tuple
 
 import torch
@@ -113,12 +114,12 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0 if result.ok else 1
 
 
-def _model_name(args: argparse.Namespace, checkpoint) -> str:
+def _model_name(args: argparse.Namespace, container) -> str:
     """--model, or the 'arch' a timm train.py checkpoint records (without the acb_ prefix)."""
-    name = args.model or checkpoint.arch
+    name = args.model or container.arch
     if not name:
-        raise ValueError(f"{args.checkpoint} is a plain state_dict that does not record its architecture (only timm "
-                         "train.py checkpoints do): pass --model NAME")
+        raise ValueError(f"{args.checkpoint} ({container.layout}) does not record its architecture (only timm "
+                         "train.py checkpoints do, as 'arch'): pass --model NAME")
     return name[len("acb_"):] if name.startswith("acb_") else name
 
 
@@ -135,12 +136,12 @@ def _parse_kwargs(items: List[str]) -> dict:
     return kwargs
 
 
-def _model_kwargs(args: argparse.Namespace, checkpoint) -> Tuple[dict, dict]:
+def _model_kwargs(args: argparse.Namespace, container) -> Tuple[dict, dict]:
     """--model-kwargs over the model arguments a train.py checkpoint records (bn_eps, ...), and apart from
     them the acb_ plug-in keywords it records (expand options, prefix removed; acb_impl only chose a
     training forward and changes no weight)."""
-    recorded = {k: v for k, v in checkpoint.model_kwargs.items() if not k.startswith("acb_")}
-    acb = {k[len("acb_"):]: v for k, v in checkpoint.model_kwargs.items() if k.startswith("acb_") and k != "acb_impl"}
+    recorded = {k: v for k, v in container.model_kwargs.items() if not k.startswith("acb_")}
+    acb = {k[len("acb_"):]: v for k, v in container.model_kwargs.items() if k.startswith("acb_") and k != "acb_impl"}
     if recorded:
         print(f"model arguments recorded in the checkpoint: {recorded}")
     if acb:
@@ -151,19 +152,32 @@ def _model_kwargs(args: argparse.Namespace, checkpoint) -> Tuple[dict, dict]:
         args.num_classes = classes if args.num_classes is None else args.num_classes
     acb.update({k[len("acb_"):]: given.pop(k) for k in list(given) if k.startswith("acb_")})
     acb.pop("impl", None)
-    from .checkpoint import expanded_mode
-    mode = expanded_mode(checkpoint.state)
-    if mode and "mode" not in acb:
-        acb["mode"] = mode  # what the keys show; --mode given explicitly still wins
     return {**recorded, **given}, acb
 
 
+def _print_read(checkpoint) -> None:
+    """Where the weights were found, and the other copies of them the file holds."""
+    print(f"read {checkpoint.describe()}")
+    for other in checkpoint.selection.others:
+        print(f"  also in the file: {other.describe()} (choose it with {other.options}"
+              + (" or --use-ema)" if other.averaged else ")"))
+
+
 def _read(args: argparse.Namespace):
-    """The checkpoint, read once, with its model name, model arguments and recorded expand options."""
-    from .checkpoint import read_checkpoint
-    checkpoint = read_checkpoint(args.checkpoint, use_ema=args.use_ema)
-    kwargs, acb = _model_kwargs(args, checkpoint)
-    return checkpoint, _model_name(args, checkpoint), kwargs, acb
+    """The checkpoint, read once, with its model name, model arguments and recorded expand options; the
+    model's weights found in it by the keys of the plain model."""
+    from .checkpoint import expanded_mode, read_checkpoint, read_container
+    from .zoo import build_model
+    container = read_container(args.checkpoint)
+    name = _model_name(args, container)
+    kwargs, acb = _model_kwargs(args, container)
+    classes = {} if args.num_classes is None else {"num_classes": args.num_classes}
+    checkpoint = read_checkpoint(container, args.use_ema, model=build_model(name, **classes, **kwargs),
+                                 checkpoint_key=args.checkpoint_key, prefix=args.prefix)
+    mode = expanded_mode(checkpoint.state)
+    if mode and "mode" not in acb:
+        acb["mode"] = mode  # what the keys show; --mode given explicitly still wins
+    return checkpoint, name, kwargs, acb
 
 
 def _print_conversion(result, verb: str) -> None:
@@ -178,24 +192,64 @@ def _print_conversion(result, verb: str) -> None:
               f"{check.noise_f32:.2e} from its float64 result (float32 noise floor)")
     if result.written:
         print(f"wrote {result.output}")
+        if result.dropped:
+            print("  the container as it was, but:")
+        for entry in result.dropped:
+            replacement = "removed" if entry.replacement == "removed" else f"now {entry.replacement}"
+            print(f"  {entry.where}: {replacement} ({entry.reason})")
     else:
         print(f"NOT written: the {verb.split()[0]} model does not match the source beyond float rounding",
               file=sys.stderr)
 
 
+def _output_directory(checkpoint: str, output: Optional[str], suffix: str, force: bool) -> str:
+    """Where --keep-container writes a checkpoint directory: ``output``, or ``<directory>-<suffix>`` beside the
+    input; checked before any work, never the input, an existing directory only with --force."""
+    import os
+    source = Path(checkpoint)
+    path = Path(output) if output else source.with_name(f"{source.name}-{suffix}")
+    if path.exists() and not path.is_dir():
+        raise ValueError(f"output {str(path)!r} is a file; --keep-container writes a checkpoint directory: choose "
+                         "a directory name with -o")
+    if path.exists() and path.resolve() == source.resolve():
+        raise ValueError(f"output {str(path)!r} is the input checkpoint directory; choose another -o")
+    if path.exists() and not force:
+        raise ValueError(f"output {str(path)!r} exists; pass --force to replace it, or choose another -o")
+    parent = next((p for p in path.absolute().parents if p.exists()), Path("."))
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        raise ValueError(f"output {str(path)!r} cannot be written: {str(parent)!r} is not a writable directory")
+    return str(path)
+
+
+def _conversion_output(args: argparse.Namespace, suffix: str) -> str:
+    """The output path, checked before any work: a plain state_dict (.pth, or -o), or with --keep-container
+    a file of the input's kind (its extension kept: .ckpt, .pth.tar, .safetensors) or a directory."""
+    from .outputs import default_output, output_path
+    if not args.keep_container:
+        return output_path(args.checkpoint, args.output, suffix, args.force)
+    if Path(args.checkpoint).is_dir():
+        return _output_directory(args.checkpoint, args.output, suffix, args.force)
+    name = Path(args.checkpoint).name
+    stem = Path(default_output(args.checkpoint, "", "")).name[:-1]  # the name without the extension it drops
+    extension = name[len(stem):] or ".pth"
+    return output_path(args.checkpoint, args.output or default_output(args.checkpoint, suffix, extension), suffix,
+                       args.force)
+
+
 def cmd_collapse(args: argparse.Namespace) -> int:
     from .convert import collapse_checkpoint
-    from .outputs import output_path
-    output = output_path(args.checkpoint, args.output, "collapsed", args.force)  # before any work
+    output = _conversion_output(args, "collapsed")  # before any work
     checkpoint, name, kwargs, acb = _read(args)
+    _print_read(checkpoint)
     if acb.get("mode") and not any(k.endswith(".layout") for k in checkpoint.state):
         print("warning: this checkpoint records no block layouts (written before acfx 0.2.0), so the expand "
               "options cannot be checked against it: pass exactly those of training (--placement, --branches, "
               "--norm, --include-unnormed, --mode)", file=sys.stderr)
     result = collapse_checkpoint(checkpoint, name, output, num_classes=args.num_classes, fold_bn=args.fold_bn,
-                                 model_kwargs=kwargs, tolerance=args.tolerance, **_expand_kwargs(args, acb))
+                                 model_kwargs=kwargs, tolerance=args.tolerance, keep_container=args.keep_container,
+                                 **_expand_kwargs(args, acb))
     _print_conversion(result, "collapsed")
-    if result.written and not args.fold_bn:
+    if result.written and not args.fold_bn and not args.keep_container:
         print(_load_line(name, kwargs, result, output))
     return 0 if result.written else 1
 
@@ -219,19 +273,20 @@ def _load_line(name: str, kwargs: dict, result, output: str) -> str:
 
 def cmd_expand(args: argparse.Namespace) -> int:
     from .convert import expand_checkpoint
-    from .outputs import output_path
-    output = output_path(args.checkpoint, args.output, "acb", args.force)
+    output = _conversion_output(args, "acb")  # before any work
     checkpoint, name, kwargs, acb = _read(args)
+    _print_read(checkpoint)
     result = expand_checkpoint(checkpoint, name, output, num_classes=args.num_classes, model_kwargs=kwargs,
-                               tolerance=args.tolerance, **_expand_kwargs(args, acb))
+                               tolerance=args.tolerance, keep_container=args.keep_container,
+                               **_expand_kwargs(args, acb))
     _print_conversion(result, "expanded (init='preserve')")
     return 0 if result.written else 1
 
 
 def cmd_kernels(args: argparse.Namespace) -> int:
+    from ..passes.expand import expand
     from .checkpoint import expanded_mode, load_state_dict_strict
     from .convert import build_matching
-    from ..passes.expand import expand
     from .kernels import format_grid, kernel_magnitude, save_heatmap
     from .outputs import output_path
 
@@ -242,7 +297,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     expanded = expanded_mode(state) is not None
     if expanded:
         model = expand(model, inplace=True, **_expand_kwargs(args, acb))
-    load_state_dict_strict(model, state, args.checkpoint)
+    load_state_dict_strict(model, state, checkpoint.source)
     size = (args.kernel_size, args.kernel_size) if args.kernel_size else None
     matrix, layers = kernel_magnitude(model.eval(), size)
     kind = "expanded (ACNet), fused" if expanded else "plain, BN folded"
@@ -250,6 +305,7 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     print(format_grid(matrix))
     save_heatmap(matrix, output, f"{name} ({kind}), {layers} layers")
     print(f"wrote {output}")
+    _print_read(checkpoint)
     return 0
 
 
@@ -276,13 +332,30 @@ def _tolerance(text: str) -> float:
 
 
 def _checkpoint_args(parser: argparse.ArgumentParser, output_help: str) -> None:
-    parser.add_argument("checkpoint", help="a state_dict or timm train.py checkpoint (.pth, .pth.tar, .safetensors)")
+    parser.add_argument("checkpoint",
+                        help="a checkpoint file (.pth, .pth.tar, .ckpt, .bin, .safetensors; read with "
+                             "weights_only=True) or a sharded checkpoint directory (model.safetensors.index.json "
+                             "or pytorch_model.bin.index.json and its shards): a plain state_dict, or the dict of "
+                             "timm's train.py, torchvision's reference scripts, PyTorch Lightning or PyTorch's "
+                             "tutorial; the weights are found in it by the model's keys, under any key path and "
+                             "prefix (model., module., _orig_mod.)")
     parser.add_argument("--model", default=None,
                         help="timm model name, or torchvision's with 'tv:' (default: the checkpoint's 'arch')")
     parser.add_argument("-o", "--output", default=None, help=output_help)
     parser.add_argument("--force", action="store_true",
-                        help="replace an existing output file (never the input checkpoint unless -o names it)")
-    parser.add_argument("--use-ema", action="store_true", help="use the checkpoint's state_dict_ema")
+                        help="replace an existing output (never the input checkpoint unless -o names it, never "
+                             "an input directory)")
+    parser.add_argument("--use-ema", action="store_true",
+                        help="use the averaged (EMA) weights: timm's state_dict_ema, torchvision's model_ema, "
+                             "Lightning's weight averaging, or a key or prefix naming an EMA (default: the "
+                             "non-EMA weights)")
+    parser.add_argument("--checkpoint-key", default=None, metavar="KEY",
+                        help="where the weights are, when the file holds several matching sets: the key path "
+                             "listed by the refusal (keys joined by '/', e.g. state_dict, state_dict_ema; '' for "
+                             "the top level); it also chooses between EMA and non-EMA weights")
+    parser.add_argument("--prefix", default=None, metavar="PREFIX",
+                        help="the prefix of the weights' keys to strip, when several match (e.g. model., "
+                             "module.; '' for none); by default the one that makes the keys the model's")
     parser.add_argument("--num-classes", type=int, default=None,
                         help="classes of the model (default: read off the checkpoint's classifier)")
     parser.add_argument("--model-kwargs", nargs="*", default=[], metavar="KEY=VALUE",
@@ -292,6 +365,15 @@ def _checkpoint_args(parser: argparse.ArgumentParser, output_help: str) -> None:
 
 def _conversion_args(parser: argparse.ArgumentParser, output_help: str) -> None:
     _checkpoint_args(parser, output_help)
+    parser.add_argument("--keep-container", action="store_true",
+                        help="write the input's container with the converted weights in place of the old ones "
+                             "(same key, same prefix) so that its framework loads or resumes from it: the same "
+                             "dict (Lightning, train.py, torchvision, tutorial), a safetensors file with its "
+                             "metadata, or for a sharded directory a directory of as many shards with the same "
+                             "names and an index. Optimizer and LR scheduler states and other copies of the "
+                             "weights (EMA) would be wrong for the converted model: they are dropped (emptied "
+                             "where the framework reads the key back: Lightning's optimizer_states and "
+                             "lr_schedulers become []) and listed. Default: a plain state_dict")
     parser.add_argument("--tolerance", type=_tolerance, default=1e-5,
                         help="max relative error of the converted model vs the source (default: 1e-5); "
                              "over it, the conversion is repeated in float64, and nothing is written "
@@ -324,9 +406,15 @@ def _parser() -> argparse.ArgumentParser:
     col = sub.add_parser("collapse", help="expanded (ACNet) training checkpoint → checkpoint of the plain model",
                          description="Load a checkpoint of acfx.expand(MODEL), collapse it, check the result "
                                      "against the expanded model, and write a plain state_dict that "
-                                     "timm.create_model(MODEL, checkpoint_path=OUT) loads strictly without acfx. "
-                                     "Nothing is written if the checkpoint does not match.")
-    _conversion_args(col, "output .pth or .safetensors (default: <checkpoint>-collapsed.pth)")
+                                     "timm.create_model(MODEL, checkpoint_path=OUT) loads strictly without acfx "
+                                     "(or, with --keep-container, the input's container with the collapsed "
+                                     "weights in it). The weights are found in the checkpoint by the keys of "
+                                     "MODEL; several equally matching sets are refused, listed, for "
+                                     "--checkpoint-key / --prefix to choose. Nothing is written if the checkpoint "
+                                     "does not match.")
+    _conversion_args(col, "output .pth or .safetensors (default: <checkpoint>-collapsed.pth); with "
+                          "--keep-container a file in the input's format (default: its extension kept, "
+                          "last-collapsed.ckpt) or a directory for a directory (default: <directory>-collapsed)")
     col.add_argument("--fold-bn", action="store_true", help="also fold every BN into its conv (deploy form; "
                                                              "no longer loads into the plain architecture)")
     col.set_defaults(func=cmd_collapse)
@@ -335,8 +423,11 @@ def _parser() -> argparse.ArgumentParser:
                          description="Load a plain checkpoint of MODEL, expand it with init='preserve' (the new "
                                      "branches start at zero, the function is unchanged) and write the expanded "
                                      "state_dict, for a fine-tuning run (e.g. train.py --model acb_MODEL "
-                                     "--initial-checkpoint OUT).")
-    _conversion_args(exp, "output .pth or .safetensors (default: <checkpoint>-acb.pth)")
+                                     "--initial-checkpoint OUT), or with --keep-container the input's container "
+                                     "with the expanded weights in it. The weights are found as by collapse.")
+    _conversion_args(exp, "output .pth or .safetensors (default: <checkpoint>-acb.pth); with --keep-container "
+                          "a file in the input's format (default: its extension kept) or a directory for a "
+                          "directory (default: <directory>-acb)")
     exp.set_defaults(func=cmd_expand)
 
     ker = sub.add_parser("kernels", help="average kernel magnitude matrix (ACNet Sect. 4.4) as a grid and a PNG",

@@ -9,17 +9,32 @@ repeated in float64 shows it exact (:func:`acfx.tools.diagnostics.within_roundin
 from __future__ import annotations
 
 import dataclasses
-from typing import Callable, Mapping, Optional, Union
+from typing import Callable, List, Mapping, Optional, Union
 
 import torch
 import torch.nn as nn
 
-from .checkpoint import Checkpoint, expanded_sites, load_state_dict_strict, read_checkpoint, write_state_dict
 from ..passes.collapse import collapse
-from .diagnostics import Float64Check, float64_check, output_tensor, relative_error, within_rounding
 from ..passes.expand import expand
-from .outputs import default_output
 from ..passes.report import Report
+from .checkpoint import (
+    Checkpoint,
+    Dropped,
+    check_container_output,
+    expanded_sites,
+    load_state_dict_strict,
+    read_checkpoint,
+    write_container,
+    write_state_dict,
+)
+from .diagnostics import (
+    Float64Check,
+    float64_check,
+    output_tensor,
+    relative_error,
+    within_rounding,
+)
+from .outputs import default_output
 from .zoo import build_model, fixed_input_size, input_size_for
 
 __all__ = ["Conversion", "collapse_checkpoint", "expand_checkpoint", "build_matching", "default_output"]
@@ -27,8 +42,31 @@ __all__ = ["Conversion", "collapse_checkpoint", "expand_checkpoint", "build_matc
 CheckpointLike = Union[str, Checkpoint]
 
 
-def _checkpoint(checkpoint: CheckpointLike, use_ema: bool) -> Checkpoint:
-    return checkpoint if isinstance(checkpoint, Checkpoint) else read_checkpoint(checkpoint, use_ema=use_ema)
+@dataclasses.dataclass
+class _Source:
+    """How to read a checkpoint given by its path: the model it is of, and the choices of the caller."""
+
+    name: str
+    num_classes: Optional[int]
+    model_kwargs: dict
+    use_ema: bool
+    checkpoint_key: Optional[str]
+    prefix: Optional[str]
+
+
+def _checkpoint(checkpoint: CheckpointLike, source: _Source) -> Checkpoint:
+    """A read record as it is; a path read once, the weights found by the keys of the plain model."""
+    if isinstance(checkpoint, Checkpoint):
+        return checkpoint
+    classes = {} if source.num_classes is None else {"num_classes": source.num_classes}
+    model = build_model(source.name, **classes, **source.model_kwargs)
+    return read_checkpoint(checkpoint, source.use_ema, model=model, checkpoint_key=source.checkpoint_key,
+                           prefix=source.prefix)
+
+
+def _check_output(record: Checkpoint, output: str, keep_container: bool) -> None:
+    if keep_container:
+        check_container_output(record, output)
 
 
 @dataclasses.dataclass
@@ -47,6 +85,10 @@ class Conversion:
     float64: Optional[Float64Check] = None
     # False when the converted model did not match, and nothing was written.
     written: bool = False
+    # Where in the checkpoint the weights were read: "state_dict['model.'] (Lightning checkpoint, 122 tensors)".
+    read: Optional[str] = None
+    # With keep_container: the container's entries not carried over as they were (optimizer states, EMA copies).
+    dropped: List[Dropped] = dataclasses.field(default_factory=list)
 
     @property
     def exact(self) -> bool:
@@ -85,9 +127,11 @@ def _probe(model: nn.Module, name: str) -> torch.Tensor:
 
 
 def _verify_and_write(result: Conversion, source: nn.Module, converted: nn.Module,
-                      convert: Callable[[nn.Module], nn.Module]) -> Conversion:
+                      convert: Callable[[nn.Module], nn.Module], record: Checkpoint,
+                      keep_container: bool) -> Conversion:
     """Compare ``converted`` with ``source`` (in float64 too if float32 is over the tolerance: ``source`` is
-    then turned to float64), and write the converted state_dict only if it is exact."""
+    then turned to float64), and write the converted state_dict only if it is exact: plain, or in the
+    record's container (``keep_container``)."""
     x = _probe(source, result.model)
     with torch.no_grad():
         y_source, y_converted = output_tensor(source.eval()(x)), output_tensor(converted.eval()(x))
@@ -95,7 +139,10 @@ def _verify_and_write(result: Conversion, source: nn.Module, converted: nn.Modul
     if result.error > result.tolerance:
         result.float64 = float64_check(source, convert, x, y_source, y_converted)
     if result.exact:
-        write_state_dict(converted.state_dict(), result.output)
+        if keep_container:
+            result.dropped = write_container(record, converted.state_dict(), result.output)
+        else:
+            write_state_dict(converted.state_dict(), result.output)
         result.written = True
     return result
 
@@ -103,34 +150,46 @@ def _verify_and_write(result: Conversion, source: nn.Module, converted: nn.Modul
 def collapse_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, use_ema: bool = False,
                         num_classes: Optional[int] = None, fold_bn: bool = False,
                         model_kwargs: Optional[dict] = None, tolerance: float = 1e-5,
-                        **expand_kwargs) -> Conversion:
+                        checkpoint_key: Optional[str] = None, prefix: Optional[str] = None,
+                        keep_container: bool = False, **expand_kwargs) -> Conversion:
     """Turn a training checkpoint of ``acfx.expand(<name>)`` into a checkpoint of the plain ``name``.
 
     ``model_kwargs`` go to the model builder; they must be those of training where they change what the
-    weights mean (a BN's eps is not stored in the state_dict). ``checkpoint``: a path or a read record."""
-    record = _checkpoint(checkpoint, use_ema)
-    plain = build_matching(name, record.state, num_classes, **(model_kwargs or {}))
+    weights mean (a BN's eps is not stored in the state_dict). ``checkpoint``: a path (file or directory;
+    the weights are found by the model's keys, see :func:`acfx.tools.checkpoint.locate_state`, with
+    ``use_ema``, ``checkpoint_key`` and ``prefix`` to choose) or a read record. ``keep_container``: write the
+    input's container with the collapsed weights in place (see :func:`acfx.tools.checkpoint.write_container`)
+    instead of a plain state_dict."""
+    model_kwargs = dict(model_kwargs or {})
+    record = _checkpoint(checkpoint, _Source(name, num_classes, model_kwargs, use_ema, checkpoint_key, prefix))
+    _check_output(record, output, keep_container)
+    plain = build_matching(name, record.state, num_classes, **model_kwargs)
     sites = expanded_sites(record.state)
     if sites and "filter_fn" not in expand_kwargs:  # a conv frozen or excluded in training stayed plain
         expand_kwargs["filter_fn"] = lambda conv, conv_name: conv_name in sites
     expanded = expand(plain, inplace=True, **expand_kwargs)
-    load_state_dict_strict(expanded, record.state, record.path)
+    load_state_dict_strict(expanded, record.state, record.source)
     collapsed, report = collapse(expanded.eval(), fold_bn=fold_bn, return_report=True)
     result = Conversion(name, record.path, output, report, float("nan"), getattr(plain, "num_classes", None),
-                        tolerance)
+                        tolerance, read=record.describe())
     return _verify_and_write(result, expanded, collapsed,
-                             lambda m: collapse(m, fold_bn=fold_bn, inplace=True))
+                             lambda m: collapse(m, fold_bn=fold_bn, inplace=True), record, keep_container)
 
 
 def expand_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, use_ema: bool = False,
                       num_classes: Optional[int] = None, model_kwargs: Optional[dict] = None,
-                      tolerance: float = 1e-5, **expand_kwargs) -> Conversion:
-    """Turn a plain checkpoint of ``name`` into one of ``acfx.expand(name, init="preserve")``."""
-    record = _checkpoint(checkpoint, use_ema)
-    plain = build_matching(name, record.state, num_classes, **(model_kwargs or {}))
-    load_state_dict_strict(plain, record.state, record.path)
+                      tolerance: float = 1e-5, checkpoint_key: Optional[str] = None, prefix: Optional[str] = None,
+                      keep_container: bool = False, **expand_kwargs) -> Conversion:
+    """Turn a plain checkpoint of ``name`` into one of ``acfx.expand(name, init="preserve")``; the
+    checkpoint and the options as in :func:`collapse_checkpoint`."""
+    model_kwargs = dict(model_kwargs or {})
+    record = _checkpoint(checkpoint, _Source(name, num_classes, model_kwargs, use_ema, checkpoint_key, prefix))
+    _check_output(record, output, keep_container)
+    plain = build_matching(name, record.state, num_classes, **model_kwargs)
+    load_state_dict_strict(plain, record.state, record.source)
     expanded, report = expand(plain, init="preserve", return_report=True, **expand_kwargs)
     result = Conversion(name, record.path, output, report, float("nan"), getattr(plain, "num_classes", None),
-                        tolerance)
+                        tolerance, read=record.describe())
     return _verify_and_write(result, plain, expanded,
-                             lambda m: expand(m, init="preserve", inplace=True, **expand_kwargs))
+                             lambda m: expand(m, init="preserve", inplace=True, **expand_kwargs), record,
+                             keep_container)
