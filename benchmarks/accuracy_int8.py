@@ -62,8 +62,12 @@ def _weight_observer(scheme: str):
 
 def _qconfig_mapping(scheme: str, qat_mode: bool = False):
     """torch's default x86 mapping (PTQ or QAT), with the global weight observer chosen by ``scheme``."""
-    from torch.ao.quantization import QConfig, get_default_qat_qconfig_mapping, get_default_qconfig_mapping
-    from torch.ao.quantization import fake_quantize
+    from torch.ao.quantization import (
+        QConfig,
+        fake_quantize,
+        get_default_qat_qconfig_mapping,
+        get_default_qconfig_mapping,
+    )
     if qat_mode:
         mapping = get_default_qat_qconfig_mapping(backend())
         weight = {"per-channel": fake_quantize.default_fused_per_channel_wt_fake_quant,

@@ -45,9 +45,10 @@ def _on_alarm(signum, frame):
 def _pairs_on_meta(name: str) -> dict:
     """Count conv→BN pairs (any conv kind, any BN kind) without allocating weights."""
     import torch
-    from acfx.passes.collapse import collapse_tracer
+
     from acfx.matching.find_sites import find_conv_calls
     from acfx.matching.tracing import trace_parts
+    from acfx.passes.collapse import collapse_tracer
     from acfx.tools.zoo import build_model
 
     try:
@@ -63,8 +64,9 @@ def _pairs_on_meta(name: str) -> dict:
 
 
 def _input_size(name: str, img_size: int) -> tuple:
-    from acfx.tools.zoo import build_model, input_size_for
     import torch
+
+    from acfx.tools.zoo import build_model, input_size_for
     with torch.device("meta"):
         try:
             model = build_model(name)
@@ -78,6 +80,7 @@ def _input_size(name: str, img_size: int) -> tuple:
 
 def _run_one(name: str, img_size: int, batch_size: int, include_unnormed: bool) -> dict:
     import torch
+
     from acfx.tools.diagnostics import check_round_trip
     from acfx.tools.zoo import build_model
 
@@ -128,8 +131,9 @@ def _record(result, size) -> dict:
 
 def _worker(tasks, results, threads: int, budget: int, img_size: int, batch_size: int,
             include_unnormed: bool) -> None:
-    import torch
     import warnings
+
+    import torch
     warnings.filterwarnings("ignore")
     torch.set_num_threads(threads)
     signal.signal(signal.SIGALRM, _on_alarm)

@@ -30,6 +30,7 @@ sys.path.insert(0, str(HERE.parent))
 import acfx  # noqa: E402
 from acfx.tools.diagnostics import randomize_norms  # noqa: E402
 from acfx.tools.zoo import build_model  # noqa: E402
+
 from kernel_trace import launched  # noqa: E402
 from timing import interleaved_medians, make_timer  # noqa: E402
 

@@ -35,6 +35,7 @@ def _names():
 
 def record(out: str, pattern: str = "*") -> None:
     import torch
+
     import acfx
     from acfx.tools.zoo import build_model
     warnings.filterwarnings("ignore")

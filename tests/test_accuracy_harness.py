@@ -14,11 +14,11 @@ import torch.nn as nn
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT / "benchmarks"))
 
+import acfx  # noqa: E402
+
 import accuracy  # noqa: E402
 import accuracy_int8 as int8  # noqa: E402
 import accuracy_report as report  # noqa: E402
-
-import acfx  # noqa: E402
 
 CPU = torch.device("cpu")
 TINY = accuracy.Recipe(epochs=1, qat_epochs=1, calibration_images=128)

@@ -14,13 +14,14 @@ import pytest
 import timm
 import torch
 import torch.nn as nn
-from helpers import assert_rel_close, randomize_bn
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 
 import acfx
 from acfx.tools.checkpoint import Container, read_checkpoint
 from acfx.tools.cli import main
+
+from helpers import assert_rel_close, randomize_bn
 
 NAME = "resnet10t"
 TOL = 1e-5

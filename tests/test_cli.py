@@ -7,6 +7,7 @@ import torch
 
 import acfx
 from acfx.tools.cli import main
+
 from helpers import assert_rel_close, randomize_bn
 
 

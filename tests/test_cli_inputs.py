@@ -13,6 +13,7 @@ import acfx
 import acfx.timm  # noqa: F401  (registers acb_ models)
 from acfx.tools.checkpoint import CheckpointMismatch, load_state_dict_strict, read_checkpoint
 from acfx.tools.cli import main
+
 from helpers import assert_rel_close, randomize_bn
 
 

@@ -8,6 +8,7 @@ import torch.nn as nn
 from timm.layers import StdConv2d
 
 import acfx
+
 from helpers import randomize_bn
 
 expand_module = importlib.import_module("acfx.passes.expand")

@@ -13,6 +13,7 @@ import torch.nn as nn
 from timm.layers import Conv2dSame
 
 import acfx
+
 from helpers import assert_rel_close, randomize_bn
 from test_geometry import GEOMETRIES, _conv_bn, _ids
 

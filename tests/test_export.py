@@ -11,6 +11,7 @@ import torchvision
 from timm.models import load_checkpoint
 
 import acfx
+
 from helpers import assert_rel_close, randomize_bn
 
 

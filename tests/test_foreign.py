@@ -4,6 +4,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import acfx
+
 from helpers import assert_rel_close, randomize_bn
 
 

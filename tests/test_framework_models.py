@@ -13,6 +13,7 @@ import torchvision
 from torchvision.models.feature_extraction import create_feature_extractor
 
 import acfx
+
 from helpers import assert_rel_close, randomize_bn
 
 os.environ.setdefault("YOLO_OFFLINE", "1")

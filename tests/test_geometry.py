@@ -7,6 +7,7 @@ from timm.layers import Conv2dSame
 import acfx
 from acfx.layers.geometry import Window
 from acfx.layers.padding import DynamicSamePad2d
+
 from helpers import assert_rel_close, randomize_bn
 
 # (kernel, stride, padding, dilation, groups, padding_mode)

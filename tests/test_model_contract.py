@@ -8,6 +8,7 @@ import torch
 import torch.nn as nn
 
 import acfx
+
 from helpers import assert_rel_close, randomize_bn
 
 

@@ -7,6 +7,7 @@ from timm.layers.norm_act import SyncBatchNormAct, convert_sync_batchnorm
 from torchvision.ops.misc import FrozenBatchNorm2d
 
 import acfx
+
 from helpers import assert_rel_close, randomize_bn
 
 

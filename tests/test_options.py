@@ -6,6 +6,7 @@ import torch
 import torch.nn as nn
 
 import acfx
+
 from helpers import assert_rel_close, randomize_bn
 
 
@@ -155,6 +156,7 @@ def test_bad_options_raise_with_the_fix(kwargs, error, text):
 # -- one record of the options: everything that offers them is derived from it or tested against it ---------
 def test_expand_signature_is_the_options_record():
     import inspect
+
     from acfx.passes.options import ExpandOptions
     parameters = inspect.signature(acfx.expand).parameters
     offered = {n: p.default for n, p in parameters.items() if n not in ("model", "inplace", "return_report")}
@@ -165,6 +167,7 @@ def test_expand_signature_is_the_options_record():
 def test_readme_table_lists_every_option_with_its_choices():
     import re
     from pathlib import Path
+
     from acfx.passes.options import ExpandOptions
     readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
     table = readme.split("| option | values (default first) | meaning |")[1].split("\n\n")[0]

@@ -3,6 +3,7 @@ import torch
 import torch.nn as nn
 
 import acfx
+
 from helpers import assert_rel_close, randomize_bn
 
 

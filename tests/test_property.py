@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from timm.layers import Conv2dSame
 
 import acfx
+
 from helpers import assert_rel_close, randomize_bn
 
 MODES = ["zeros", "reflect", "replicate", "circular"]

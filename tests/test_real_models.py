@@ -5,6 +5,7 @@ import torch
 import torchvision
 
 import acfx
+
 from helpers import assert_rel_close, count_modules, kxk_convs, randomize_bn
 
 # name -> (input size, include_unnormed). Every k x k conv of these models is followed by a BN, except

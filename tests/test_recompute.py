@@ -3,11 +3,11 @@ test_exact_impls.py): it keeps no conv output for backward, and runs in training
 import timm
 import torch
 import torch.nn as nn
+from test_exact_impls import pair
 
 import acfx
-from acfx.tools.diagnostics import saved_activation_bytes
 from acfx.layers.recompute import recompute_unsupported
-from test_exact_impls import pair
+from acfx.tools.diagnostics import saved_activation_bytes
 
 
 def test_recompute_keeps_no_conv_output_for_backward():

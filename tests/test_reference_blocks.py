@@ -11,6 +11,7 @@ from timm.layers import BatchNormAct2d, get_notrace_functions, get_notrace_modul
 
 import acfx
 import acfx.timm
+
 from helpers import assert_rel_close, randomize_bn
 from reference_blocks import DBBStyle, PaperACB, RepVGGStyle
 

@@ -15,6 +15,7 @@ import acfx
 import acfx.timm
 from acfx.tools.reparam_check import check_reparameterize, rep_block_modules, rep_families
 from acfx.tools.zoo import input_size_for
+
 from helpers import assert_rel_close, randomize_bn
 
 # Found by listing: every timm family with a module defining fuse / reparameterize / switch_to_deploy, and

@@ -11,6 +11,7 @@ import torch.nn as nn
 import acfx
 from acfx.tools.checkpoint import CheckpointMismatch, load_state_dict_strict
 from acfx.tools.cli import main
+
 from helpers import assert_rel_close, randomize_bn
 
 

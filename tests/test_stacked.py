@@ -6,11 +6,13 @@ import copy
 import pytest
 import torch
 import torch.nn as nn
+from test_exact_impls import pair
 
 import acfx
 from acfx.layers.stacked import stacked_unsupported
+
 from helpers import assert_rel_close, randomize_bn
-from test_exact_impls import pair
+
 
 def test_blocks_that_keep_the_branch_forward_are_reported():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8))

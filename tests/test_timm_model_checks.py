@@ -16,11 +16,12 @@ import pytest
 import timm
 import torch
 from timm.layers import get_notrace_functions, get_notrace_modules, set_scriptable
-from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 from timm.utils.model import reparameterize_model
+from torchvision.models.feature_extraction import create_feature_extractor, get_graph_node_names
 
 import acfx
 import acfx.timm  # noqa: F401  (registers the acb_ models)
+
 from helpers import assert_rel_close, randomize_bn
 
 # One per family: plain ResNet, depthwise EfficientNet, TF-'same' padding, RegNet, GhostNet (taps its stem

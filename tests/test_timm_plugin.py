@@ -15,6 +15,7 @@ from timm.utils.model import reparameterize_model
 
 import acfx
 from acfx.tools.cli import main as acfx_main
+
 from helpers import assert_rel_close, count_modules, randomize_bn
 
 importlib.import_module("acfx.timm")  # what train.py's --device-modules acfx.timm does

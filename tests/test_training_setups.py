@@ -14,6 +14,7 @@ from timm.layers import convert_sync_batchnorm, freeze_batch_norm_2d
 from timm.utils import ModelEmaV3
 
 import acfx
+
 from helpers import assert_rel_close, count_modules, randomize_bn
 
 

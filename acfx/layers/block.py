@@ -16,15 +16,15 @@ import torch
 import torch.fx._symbolic_trace as _fx_trace
 import torch.nn as nn
 
-from .module_copies import hollow_copy
 from .cfg_links import restore_cfg
+from .convs import kernel_of
 from .forwards import alternative_forward
 from .fusion import Term, combine, fuse_pair
 from .geometry import Window
 from .layout import ASYMMETRIC, BRANCHES, BlockLayout, layout_difference
+from .module_copies import hollow_copy
 from .padding import crop_sides
 from .recorded_layout import RecordedLayout
-from .convs import kernel_of
 
 # True inside fx.symbolic_trace; older torch only has is_fx_tracing, which export sets too.
 _symbolic_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", _fx_trace.is_fx_tracing)

@@ -15,9 +15,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from .module_copies import refill_conv
 from .cfg_links import restore_cfg
 from .layout import conv_geometry, plan_block
+from .module_copies import refill_conv
 from .recorded_layout import RecordedLayout
 from .split_conv import even_channel_mask, split_between_lines
 

@@ -22,11 +22,11 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .convs import kernel_of
 from .geometry import conv_window
+from .layout import BRANCHES
 from .norms import training_momentum
 from .padding import crop
-from .convs import kernel_of
-from .layout import BRANCHES
 from .split_conv import EvenSplitConv2d
 
 __all__ = ["recompute_unsupported", "recompute_forward"]

@@ -21,9 +21,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .norms import training_momentum
 from .convs import kernel_of
 from .layout import BRANCHES
+from .norms import training_momentum
 
 __all__ = ["stacked_unsupported", "stacked_forward"]
 

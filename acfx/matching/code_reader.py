@@ -30,8 +30,27 @@ from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tup
 import torch.nn as nn
 
 from .bytecode_names import reachable_names
-from .code_values import (ANY, CHILD, ITEM, NO_ARGS, NO_KWARGS, UNKNOWN, Bound, Const, Known, Path, Ref, Seq,
-                          Super, Value, element, items, path_text, refs, wrap)
+from .code_values import (
+    ANY,
+    CHILD,
+    ITEM,
+    NO_ARGS,
+    NO_KWARGS,
+    UNKNOWN,
+    Bound,
+    Const,
+    Known,
+    Path,
+    Ref,
+    Seq,
+    Super,
+    Value,
+    element,
+    items,
+    path_text,
+    refs,
+    wrap,
+)
 from .source_tree import function_tree, mangle
 
 __all__ = ["Use", "CodeReader"]

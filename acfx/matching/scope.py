@@ -14,9 +14,9 @@ import torch.fx as fx
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .find_branch_sums import BranchSum
 from ..layers.geometry import Window
 from ..layers.padding import PAD_MODULES, DynamicSamePad2d
+from .find_branch_sums import BranchSum
 
 __all__ = ["PreOp", "Scope", "ScopeIndex", "pre_op_of"]
 

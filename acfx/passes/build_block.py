@@ -11,15 +11,15 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from ..layers.module_copies import hollow_copy
 from ..layers.block import ACBlock, NormTail
 from ..layers.convs import PLAIN, conv_kind
 from ..layers.layout import BlockLayout, BranchLayout, ConvGeometry, conv_geometry, plan_block
+from ..layers.module_copies import hollow_copy
 from ..layers.norms import branch_norm, plain_norm, tail_children
 from ..layers.online import OnlineACConv
-from .options import ExpandOptions
 from ..layers.padding import DynamicSamePad2d, make_pad
 from ..layers.split_conv import EvenSplitConv2d
+from .options import ExpandOptions
 
 __all__ = ["BuiltSite", "build_site"]
 

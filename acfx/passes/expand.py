@@ -6,20 +6,20 @@ from typing import Dict, List, Literal, Optional, Sequence, Tuple, Type, Union, 
 
 import torch.nn as nn
 
-from .arguments import check_flags, check_model, refuse_wrapped, working_copy
 from ..layers.block import ACBlock, NormTail
-from .build_block import build_site
 from ..layers.cfg_links import point_cfg_at
 from ..layers.hooks import carry_output_hooks, warn_hook_skips
 from ..layers.online import OnlineACConv
+from ..matching.find_sites import ConvCall, find_conv_calls
+from ..matching.tracing import AcfxTracer, module_calls, shared_module_names, tied_tensor_names, trace_parts
+from ..matching.untraced_reach import hook_owners
+from .arguments import check_flags, check_model, refuse_wrapped, working_copy
+from .build_block import build_site
 from .options import ExpandOptions, FilterFn
 from .policies import Verdict, expand_verdict
 from .reparam_guard import guard_foreign_reparam
 from .report import Report
 from .swap_modules import ModuleSwaps
-from ..matching.find_sites import ConvCall, find_conv_calls
-from ..matching.tracing import AcfxTracer, module_calls, shared_module_names, tied_tensor_names, trace_parts
-from ..matching.untraced_reach import hook_owners
 
 __all__ = ["expand"]
 

@@ -6,16 +6,16 @@ from typing import Dict, List
 
 import torch.nn as nn
 
-from ..layers.module_copies import refill_conv
 from ..layers.fusion import Term, combine
 from ..layers.hooks import carry_hooks, carry_output_hooks
+from ..layers.module_copies import refill_conv
 from ..layers.norms import tail_children
-from .policies import fold_verdict
-from .report import Report
-from .swap_modules import ModuleSwaps
 from ..matching.find_sites import ConvCall, find_conv_calls
 from ..matching.tracing import shared_module_names, tied_tensor_names, trace_parts
 from ..matching.untraced_reach import hook_owners
+from .policies import fold_verdict
+from .report import Report
+from .swap_modules import ModuleSwaps
 
 __all__ = ["fold_norms", "fold_site"]
 

@@ -12,11 +12,11 @@ from typing import Optional, Tuple
 
 import torch.nn as nn
 
-from ..layers.module_copies import hollow_copy
-from ..matching.find_branch_sums import ConvSpec
 from ..layers.convs import PLAIN, conv_kind
 from ..layers.fusion import Term, combine
 from ..layers.geometry import Window, same_window
+from ..layers.module_copies import hollow_copy
+from ..matching.find_branch_sums import ConvSpec
 from ..matching.scope import PreOp
 
 __all__ = ["FusionPlan", "FusedConv", "fuse_plan"]

@@ -5,9 +5,9 @@ from typing import Dict
 
 import torch.nn as nn
 
-from .arguments import check_model
 from ..layers.block import ACBlock
 from ..layers.forwards import EXACT_IMPLS, unsupported_reason
+from .arguments import check_model
 
 __all__ = ["set_exact_impl"]
 

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional
 import torch
 import torch.nn as nn
 
-from .diagnostics import Float64Check, float64_check, randomize_norms, relative_error, within_rounding
 from ..passes.reparam_guard import REPARAM_METHODS
+from .diagnostics import Float64Check, float64_check, randomize_norms, relative_error, within_rounding
 
 __all__ = ["rep_block_modules", "rep_families", "ReparamCheck", "check_reparameterize"]
 
