@@ -35,11 +35,9 @@ import dataclasses
 import json
 import math
 import os
-import platform
 import sys
 import time
 from dataclasses import dataclass, field
-from datetime import date
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence
 
@@ -56,6 +54,7 @@ from acfx.tools.kernels import kernel_magnitude  # noqa: E402  (the one import o
 
 import accuracy_int8 as int8  # noqa: E402
 import accuracy_report as report  # noqa: E402
+from environment import collect, stamp  # noqa: E402
 
 __all__ = ["Variant", "VARIANTS", "DEFAULT_VARIANTS", "Recipe", "Split", "Data", "EpochRecord", "Parity",
            "PredictionMismatch", "Row", "Task", "Setting", "load_digits", "load_folder", "build_model",
@@ -735,50 +734,24 @@ def _outer_bar(enabled: bool, total: int):
 
 
 def environment(args: argparse.Namespace, data: Data, recipe: Recipe, device: torch.device) -> dict:
-    """What ran, where, with which versions and recipe (the JSON's "environment")."""
-    import timm
-    versions = {"torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version()}
+    """What ran, where, with which versions and recipe (the JSON's "environment"): the shared record
+    (benchmarks/environment.py) and this run's settings."""
+    own = {}
     try:
         import sklearn
-        versions["scikit-learn"] = sklearn.__version__
+        own["scikit-learn"] = sklearn.__version__
     except ImportError:
         pass
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else str(device)
-    return {**versions, "acfx": _acfx_source(), "device": name,
-            "cpu": _cpu_name(), "workers": args.workers,
-            "threads": (args.threads or 1) if args.workers > 1 else torch.get_num_threads(),
-            "int8_engine": int8.backend(),
-            "int8_api": "torch.ao.quantization FX graph mode (prepare_fx/convert_fx, prepare_qat_fx)",
-            "date": date.today().isoformat(), "command": " ".join(["python", "benchmarks/accuracy.py", *args.argv]),
-            "data": data.name, "data_about": data.about, "train_images": len(data.train),
-            "test_images": len(data.test), "size": data.size, "model": args.model, "variants": list(args.variants),
-            "seeds": list(args.seed_list), "recipe": dataclasses.asdict(recipe),
-            "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None}
-
-
-def _acfx_source() -> str:
-    """The commit acfx was imported from, and whether its acfx/ differs from that commit (a results file must
-    say which code produced it)."""
-    import subprocess
-    root = Path(acfx.__file__).resolve().parent.parent
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=root, capture_output=True, text=True,
-                                check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "acfx"], cwd=root, capture_output=True, text=True,
-                               check=True).stdout.strip()
-    except (OSError, subprocess.CalledProcessError):
-        return f"{acfx.__version__} (not a git checkout)"
-    return f"{acfx.__version__} at {commit}{' with local changes to acfx/' if dirty else ''}"
-
-
-def _cpu_name() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
+    own.update({"device": name, "workers": args.workers,
+                "threads": (args.threads or 1) if args.workers > 1 else torch.get_num_threads(),
+                "int8_engine": int8.backend(),
+                "int8_api": "torch.ao.quantization FX graph mode (prepare_fx/convert_fx, prepare_qat_fx)",
+                "data": data.name, "data_about": data.about, "train_images": len(data.train),
+                "test_images": len(data.test), "size": data.size, "model": args.model,
+                "variants": list(args.variants), "seeds": list(args.seed_list), "recipe": dataclasses.asdict(recipe),
+                "load_average_1_5_15_min": list(os.getloadavg()) if hasattr(os, "getloadavg") else None})
+    return stamp({"environment": own}, collect(args.argv, __file__))["environment"]
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

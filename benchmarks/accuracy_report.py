@@ -20,6 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+from environment import caption, stamp
+
 __all__ = ["METRICS", "Stat", "Paired", "stat", "paired", "payload", "markdown", "plot", "headline", "one_line"]
 
 # (JSON key, label): what is summarised per variant and compared with the base on the same seed.
@@ -257,7 +259,7 @@ def markdown(pl: dict) -> str:
                      f"{fmt(row['top1_fold_bn'])} | {fmt(row['top1_int8'])} | {fmt(row['top1_int8_per_tensor'])} | "
                      f"{fmt(row['top1_int8_qat'])} | {fmt(row['top1_rot180'])} | {fmt(row['top1_flipud'])} | "
                      f"{row['skeleton_ratio']:.2f} | {row['train_seconds']:.0f} | {row['eval_seconds']:.0f} |")
-    return "\n".join(lines) + "\n"
+    return stamp("\n".join(lines) + "\n", env)
 
 
 def one_line(row: dict) -> str:
@@ -380,7 +382,8 @@ def plot(pl: dict, path) -> None:
             ax.axis("off")
     _sqnr(axes[1, 3], rows, variants)
     fig.suptitle(f"acfx accuracy harness: {env['model']} on {env['data']}, {len(env['seeds'])} seed(s), "
-                 f"{env['recipe']['epochs']} epochs; {env['cpu']}, torch {env['torch']}, {env['date']}", fontsize=10)
+                 f"{env['recipe']['epochs']} epochs; {env['cpu']}, torch {env['torch']}, {env['date']}\n"
+                 f"{caption(env, width=250)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(path, dpi=100)
     plt.close(fig)

@@ -21,12 +21,10 @@ import fnmatch
 import json
 import multiprocessing as mp
 import os
-import platform
 import queue
 import signal
 import sys
 import time
-from datetime import date
 from pathlib import Path
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -47,7 +45,7 @@ def _pairs_on_meta(name: str) -> dict:
     import torch
 
     from acfx.matching.find_sites import find_conv_calls
-    from acfx.matching.tracing import trace_parts
+    from acfx.matching.traced_model import trace_model
     from acfx.passes.collapse import collapse_tracer
     from acfx.tools.zoo import build_model
 
@@ -57,10 +55,10 @@ def _pairs_on_meta(name: str) -> dict:
     except Exception:  # some builders compute on real tensors at init
         model = build_model(name)
     params = sum(p.numel() for p in model.parameters())
-    parts, untraced = trace_parts(model, collapse_tracer())
-    convs = [c for part in parts for c in find_conv_calls(part, {}) if isinstance(c.conv, torch.nn.Conv2d)]
+    traced = trace_model(model, collapse_tracer())
+    convs = [c for part in traced.parts for c in find_conv_calls(part, traced) if isinstance(c.conv, torch.nn.Conv2d)]
     return {"pairs": sum(c.norm is not None for c in convs), "convs": len(convs), "params": params,
-            "untraced_parts": len(untraced)}
+            "untraced_parts": len(traced.untraced)}
 
 
 def _input_size(name: str, img_size: int) -> tuple:
@@ -233,15 +231,6 @@ def _candidates(args) -> list:
     return names[: args.limit] if args.limit else names
 
 
-def _environment() -> dict:
-    import timm
-    import torch
-    import torchvision
-    return {"date": date.today().isoformat(), "torch": torch.__version__, "torchvision": torchvision.__version__,
-            "timm": timm.__version__, "python": platform.python_version(), "machine": platform.machine(),
-            "cpu_count": os.cpu_count(), "device": "cpu"}
-
-
 def write_arch_list(names, path) -> None:
     """The list acfx.timm registers acb_ variants for."""
     import timm
@@ -317,8 +306,10 @@ def main(argv=None) -> int:
     undetected = {n: detected[n] for n in names if detected[n].get("status") in ("error", "timeout", "crash")}
     stem = Path(args.out) if args.out else RESULTS / f"coverage_{args.source}"
     stem.parent.mkdir(parents=True, exist_ok=True)
-    payload = {"environment": _environment(), "args": vars(args), "models_listed": len(names),
-               "with_conv_bn_pair": len(with_pairs), "detection_failures": undetected, "results": rows}
+    from environment import collect, stamp
+    payload = stamp({"environment": {"device": "cpu"}, "args": vars(args), "models_listed": len(names),
+                     "with_conv_bn_pair": len(with_pairs), "detection_failures": undetected, "results": rows},
+                    collect(argv, __file__))
     if args.merge:
         payload = _merged(stem.with_suffix(".json"), payload)
         rows = payload["results"]

@@ -6,6 +6,10 @@ import json
 import re
 import sys
 
+from environment import stamp
+
+__all__ = ["write_markdown"]
+
 
 def _reason_key(text: str) -> str:
     """A failure message with names and numbers blanked, to group similar failures."""
@@ -106,7 +110,7 @@ def write_markdown(payload: dict) -> str:
                      f"{r.get('collapsed', '')} | {_fmt_error(r.get('error'))} | {_fmt_error(r.get('local_error'))} | "
                      f"{_fmt_error(r.get('noise_f32'))} | {_fmt_error(r.get('error_f64'))} | {reload} | "
                      f"{r.get('seconds', '')} |")
-    return "\n".join(lines) + "\n"
+    return stamp("\n".join(lines) + "\n", env)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 import copy
 import os
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -21,11 +20,14 @@ import torch.distributed as dist
 import torch.nn as nn
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import acfx  # noqa: E402
 from acfx.tools.diagnostics import float64_check, relative_error, within_rounding  # noqa: E402
 from acfx.tools.zoo import build_model  # noqa: E402
+
+from environment import collect, stamp  # noqa: E402
 
 
 def _train(model, steps=3, dtype=None, batch=16, size=64):
@@ -122,6 +124,16 @@ def check_impl(impl: str) -> dict:
             "running": relative_error(stats[1], stats[0])}
 
 
+def write_markdown(rows, env) -> str:
+    """The checks' table, under the environment line."""
+    lines = ["# GPU checks", "", f"{env['gpu']}, torch {env['torch']}, {env['date']}; "
+             "TF32 off. Over the tolerance, a collapse error is repeated in float64 (column f64): exact to 1e-10 "
+             "there means float32 rounding.", "",
+             "| check | max|Δ|/max|y| | tolerance | f64 | ok |", "| --- | --- | --- | --- | --- |"]
+    lines += [row.markdown() for row in rows]
+    return stamp("\n".join(lines) + "\n", env)
+
+
 def main(argv=None) -> int:
     import argparse
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
@@ -144,15 +156,11 @@ def main(argv=None) -> int:
         rows += [Row(f"{impl} vs branch forward, training output (fp32)", measured["forward"], 1e-5),
                  Row(f"{impl} vs branch forward, gradients (fp32)", measured["gradients"], 1e-4),
                  Row(f"{impl} vs branch forward, running statistics (fp32)", measured["running"], 1e-5)]
-    lines = ["# GPU checks", "", f"{torch.cuda.get_device_name()}, torch {torch.__version__}, {date.today()}; "
-             "TF32 off. Over the tolerance, a collapse error is repeated in float64 (column f64): exact to 1e-10 "
-             "there means float32 rounding.", "",
-             "| check | max|Δ|/max|y| | tolerance | f64 | ok |", "| --- | --- | --- | --- | --- |"]
-    lines += [row.markdown() for row in rows]
+    text = write_markdown(rows, collect(argv, __file__).as_dict())
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
+    out.write_text(text)
+    print(text, end="")
     return 0 if all(row.ok for row in rows) else 1
 
 

@@ -8,7 +8,10 @@ A part runs its benchmark scripts as subprocesses with a time limit each (the su
 writes their results and a log under ``--out`` (the device tool brings $OUT back), and exits 1 if a
 script failed or ran out of time. Parts that extend a table (latency) append to the JSON found in
 ``--out`` or, failing that, to the committed one under benchmarks/results, so they can run in any order.
-Timings follow shared/GPU-BENCH.md (warm-up, interleaved rounds, medians, the base timed twice).
+Timings follow the timing method described in benchmarks/README.md (warm-up, CUDA graphs and CUDA events,
+interleaved rounds, medians, the base timed twice). Each script stamps its own results with the environment
+record (benchmarks/environment.py); the part's log ends with it (made after the steps, so that
+this process does not hold a CUDA context while they run).
 """
 from __future__ import annotations
 
@@ -24,6 +27,8 @@ from typing import List
 HERE = Path(__file__).resolve().parent
 RESULTS = HERE / "results"
 PY = sys.executable
+sys.path.insert(0, str(HERE))
+from environment import collect, describe  # noqa: E402
 
 
 @dataclasses.dataclass(frozen=True)
@@ -101,6 +106,10 @@ def run_part(number: int, out: Path, dry_run: bool) -> int:
                 code = 124
         print(f"  exit {code} after {time.perf_counter() - start:.0f} s (log: {log})")
         failed += code != 0
+    if not dry_run:
+        with log.open("a") as handle:
+            handle.write(f"part {number} ({title}): {failed} failed; environment: "
+                         f"{describe(collect(script=__file__))}\n")
     return 1 if failed else 0
 
 

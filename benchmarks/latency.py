@@ -5,20 +5,19 @@
     python benchmarks/latency.py --cpu               # the same on the CPU, smaller models and batches
     python benchmarks/latency.py --models resnet50 tv:mobilenet_v2 --batch-sizes 1 32 --dtypes fp16 --modes eager
 
-Method (shared/GPU-BENCH.md): each forward is captured in a CUDA graph and its replays are timed with CUDA
-events; all variants of a setting are interleaved round by round and the median per variant is kept; the
-original model is timed twice, and the spread between the two is the noise floor of that setting. Beyond
-timings, the benchmark checks that the collapsed model launches exactly the kernels the original does
-(torch.profiler names and counts) and exits with code 1 if it does not.
+Method (the timing method described in benchmarks/README.md, by benchmarks/timing.py): each forward is
+captured in a CUDA graph and its replays are timed with CUDA events; all variants of a setting are interleaved
+round by round and the median per variant is kept; the original model is timed twice, and the spread between
+the two is the noise floor of that setting. Beyond timings, the benchmark checks that the collapsed model
+launches exactly the kernels the original does (torch.profiler names and counts) and exits with code 1 if it
+does not.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
-import platform
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -31,8 +30,9 @@ import acfx  # noqa: E402
 from acfx.tools.diagnostics import randomize_norms  # noqa: E402
 from acfx.tools.zoo import build_model  # noqa: E402
 
+from environment import collect, device_label, stamp  # noqa: E402
 from kernel_trace import launched  # noqa: E402
-from timing import interleaved_medians, make_timer  # noqa: E402
+from timing import interleaved_medians, make_timer, noise_floor  # noqa: E402
 
 GPU_MODELS = ["resnet18", "resnet50", "resnext50_32x4d", "regnety_016", "efficientnet_b0", "mobilenetv3_large_100",
               "repvgg_a2", "hrnet_w18_small", "dla34", "densenet121", "cspresnet50", "ghostnet_100",
@@ -81,7 +81,7 @@ def measure_setting(models: dict, name: str, batch: int, dtype: str, mode: str, 
     base = ms["original"]
     return {"model": name, "batch": batch, "dtype": dtype, "mode": mode, "ms": ms, "stats": stats,
             "collapsed/original": ms["collapsed"] / base, "fold_bn/original": ms["fold_bn"] / base,
-            "expanded/original": ms["expanded"] / base, "noise": abs(ms["original (again)"] / base - 1),
+            "expanded/original": ms["expanded"] / base, "noise": noise_floor(stats, "original", "original (again)"),
             "same_kernels": kernels["collapsed"] == kernels["original"],
             "kernel_count": {v: sum(k.values()) for v, k in kernels.items()},
             "kernel_diff": _diff(kernels["original"], kernels["collapsed"])}
@@ -93,12 +93,10 @@ def _diff(a, b) -> dict:
 
 
 def environment(args) -> dict:
-    device = (torch.cuda.get_device_name() if args.device.startswith("cuda") else
-              f"CPU ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)")
-    import timm
-    return {"date": date.today().isoformat(), "device": device, "torch": torch.__version__,
-            "timm": timm.__version__, "cuda": torch.version.cuda if args.device.startswith("cuda") else None,
-            "img_size": args.img_size, "channels_last": True, "rounds": args.rounds}
+    """The shared record (benchmarks/environment.py) and this run's settings."""
+    env = collect(args.argv, __file__)
+    return stamp({"environment": {"device": device_label(args.device, env), "img_size": args.img_size,
+                                  "channels_last": True, "rounds": args.rounds}}, env)["environment"]
 
 
 def _parse(argv):
@@ -113,8 +111,10 @@ def _parse(argv):
     parser.add_argument("--warmup", type=int, default=5)
     parser.add_argument("--target-ms", type=float, default=None, help="length of one measurement")
     parser.add_argument("--out", default=None, help="output stem (default: benchmarks/results/latency_<gpu|cpu>)")
-    parser.add_argument("--append", action="store_true", help="merge into the existing JSON (runs in parts)")
+    parser.add_argument("--append", action="store_true",
+                        help="merge into the existing JSON (runs in parts; earlier runs' records kept)")
     args = parser.parse_args(argv)
+    args.argv = list(sys.argv[1:] if argv is None else argv)
     cpu = args.cpu or not torch.cuda.is_available()
     args.device = "cpu" if cpu else "cuda"
     defaults = dict(models=CPU_MODELS if cpu else GPU_MODELS, batch_sizes=[1, 8] if cpu else [1, 64],
@@ -131,9 +131,11 @@ def _parse(argv):
 def main(argv=None) -> int:
     args = _parse(argv)
     torch.backends.cudnn.benchmark = True
-    rows = []
+    rows, earlier = [], []
     if args.append and args.out.with_suffix(".json").exists():
-        rows = json.loads(args.out.with_suffix(".json").read_text())["rows"]
+        stored = json.loads(args.out.with_suffix(".json").read_text())
+        rows = stored["rows"]  # rows of earlier runs: their records are kept beside this run's
+        earlier = stored.get("earlier_environments", []) + [stored["environment"]]
     for name in args.models:
         models = build_variants(name)
         for mode in args.modes:
@@ -146,7 +148,7 @@ def main(argv=None) -> int:
                           f"collapsed/original {row['collapsed/original']:.3f} (noise {row['noise']:.3f})  "
                           f"fold_bn {row['fold_bn/original']:.3f}  expanded {row['expanded/original']:.3f}  "
                           f"same kernels: {row['same_kernels']}", flush=True)
-    payload = {"environment": environment(args), "rows": rows}
+    payload = {"environment": environment(args), "rows": rows, **({"earlier_environments": earlier} if earlier else {})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     from latency_report import write_markdown, write_plot

@@ -4,6 +4,10 @@ from __future__ import annotations
 import json
 import sys
 
+from environment import caption, stamp
+
+__all__ = ["write_markdown", "write_plot"]
+
 
 def _settings(rows):
     keys = sorted({(r["mode"], r["dtype"], r["batch"]) for r in rows}, key=lambda k: (k[0], k[1], k[2]))
@@ -39,7 +43,7 @@ def write_markdown(payload: dict) -> str:
                          f"{ms['expanded']:.3f} | {ms['collapsed']:.3f} | {ms['fold_bn']:.3f} | "
                          f"{r['collapsed/original']:.3f} | {r['noise']:.3f} | {r['fold_bn/original']:.3f} | "
                          f"{r['expanded/original']:.2f} | {'yes' if r['same_kernels'] else 'NO'} |")
-    return "\n".join(lines) + "\n"
+    return stamp("\n".join(lines) + "\n", env)
 
 
 def write_plot(payload: dict, path) -> None:
@@ -66,7 +70,8 @@ def write_plot(payload: dict, path) -> None:
         ax.set_title(f"{mode}, {dtype}, batch {batch}", fontsize=9)
     axes[0, 0].legend(fontsize=7, ncol=4, loc="upper left")
     env = payload["environment"]
-    fig.suptitle(f"acfx inference latency, {env['device']}, torch {env['torch']}, {env['date']}", fontsize=10)
+    fig.suptitle(f"acfx inference latency, {env['device']}, torch {env['torch']}, {env['date']}\n"
+                 f"{caption(env)}", fontsize=9)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)

@@ -16,25 +16,21 @@ from __future__ import annotations
 import argparse
 import fnmatch
 import json
-import platform
 import sys
-from datetime import date
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+sys.path.insert(0, str(HERE.parent))
 import acfx.timm  # noqa: E402
 from acfx.tools.reparam_check import check_reparameterize, rep_families  # noqa: E402
 from acfx.tools.zoo import input_size_for  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parent / "results"
+from environment import collect, stamp  # noqa: E402
 
-
-def _environment() -> dict:
-    import timm
-    return {"date": date.today().isoformat(), "torch": torch.__version__, "timm": timm.__version__,
-            "python": platform.python_version(), "machine": platform.machine(), "threads": torch.get_num_threads()}
+RESULTS = HERE / "results"
 
 
 def _size(name: str, max_size: int) -> tuple:
@@ -76,7 +72,7 @@ def _markdown(run: dict) -> str:
         status = "pass" if r["ok"] else (r["failure"] or "FAIL")
         lines.append(f"| {r['family']} | {r['model']} | {'x'.join(map(str, r['input'][1:]))} | {status} | "
                      f"{r['error']:.1e} | {f64} | {noise} | {r['same_types']} | {reload} |")
-    return "\n".join(lines) + "\n"
+    return stamp("\n".join(lines) + "\n", env)
 
 
 def main(argv=None) -> int:
@@ -94,8 +90,7 @@ def main(argv=None) -> int:
     for family, name in bar:
         rows.append(_row(family, name, args))
         bar.set_postfix_str(f"{name}: {'pass' if rows[-1]['ok'] else 'FAIL'}")
-    run = {"environment": _environment(), "args": vars(args), "families": sorted(families),
-           "rows": rows}
+    run = stamp({"args": vars(args), "families": sorted(families), "rows": rows}, collect(argv, __file__))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out + ".json").write_text(json.dumps(run, indent=1))
     Path(args.out + ".md").write_text(_markdown(run))

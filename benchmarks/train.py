@@ -7,8 +7,9 @@ Modes: "base" (the original model), "exact" (acfx.expand: the paper's ACB, three
 site), "exact-stacked" (the same ACB computed as one conv, one BN and one sum: acfx.set_exact_impl),
 "exact-recompute" (the same branches, each conv→BN keeping only its input for backward) and "online"
 (acfx.expand(mode="online"): kernels merged at every forward, one conv per site). Each
-step is forward + backward + optimizer step; the variants are interleaved round by round and the median
-kept; the base model is timed twice (noise floor). Beside each model, the FLOPs ratio expanded/base of a
+step is forward + backward + optimizer step, timed with benchmarks/timing.py (CUDA events around eager steps
+on the GPU, perf_counter on the CPU); the variants are interleaved round by round and the median kept; the
+base model is timed twice (noise floor). Beside each model, the FLOPs ratio expanded/base of a
 training step, counted with torch.utils.flop_counter on the meta device, the peak memory ratio (GPU), and
 the activation memory ratio: the bytes autograd keeps for backward in one forward (distinct storages,
 parameters and input excluded), the same on any device, so the CPU mode reports it too.
@@ -17,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
-import time
-from datetime import date
 from pathlib import Path
 
 import torch
@@ -28,11 +26,15 @@ import torch.nn as nn
 from torch.utils.flop_counter import FlopCounterMode
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import acfx  # noqa: E402
 from acfx.tools.diagnostics import saved_activation_bytes  # noqa: E402
 from acfx.tools.zoo import build_model  # noqa: E402
+
+from environment import caption, collect, device_label, stamp  # noqa: E402
+from timing import interleaved_medians, make_timer, noise_floor  # noqa: E402
 
 GPU_MODELS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenetv3_large_100", "regnety_016",
               "repvgg_a2"]
@@ -79,21 +81,6 @@ class Stepper:
         self.optimizer.step()
 
 
-def _time(step, steps: int, cuda: bool) -> float:
-    if cuda:
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        for _ in range(steps):
-            step()
-        end.record()
-        end.synchronize()
-        return start.elapsed_time(end) / steps
-    start = time.perf_counter()
-    for _ in range(steps):
-        step()
-    return (time.perf_counter() - start) * 1e3 / steps
-
-
 def _peak_memory(step, cuda: bool):
     if not cuda:
         return None
@@ -122,23 +109,20 @@ def measure(name: str, compile_model: bool, args) -> dict:
     x = x.to(memory_format=torch.channels_last)
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
     names = ["base", "base (again)", *TRAINED]
-    steppers, memory, activations = {}, {}, {}
+    steppers, timers, memory, activations = {}, {}, {}, {}
     for variant in names:  # one at a time for the memory reading, then all kept for interleaved timing
         mode = variant.split(" ")[0]
         steppers[variant] = Stepper(make(name, mode, device), x, y, compile_model, args.dtype)
-        for _ in range(args.warmup):
-            steppers[variant]()
+        # A training step (optimizer included) is not captured in a CUDA graph: eager steps, CUDA events.
+        timers[variant] = make_timer(steppers[variant], warmup=args.warmup, device=device, graph=False)
         memory[variant] = _peak_memory(steppers[variant], cuda)
         if not compile_model:
             activations[variant] = saved_activation_mib(steppers[variant].model, x, args.dtype)
-    samples = {v: [] for v in names}
-    for _ in range(args.rounds):
-        for variant in names:
-            samples[variant].append(_time(steppers[variant], args.steps, cuda))
-    ms = {v: statistics.median(s) for v, s in samples.items()}
+    stats = interleaved_medians(timers, args.rounds, repeats=args.steps)
+    ms = {v: stats[v]["median_ms"] for v in names}
     flops = {mode: step_flops(name, mode, 1, args.img_size) for mode in ("base", *TRAINED)}
     row = {"model": name, "mode": "compile" if compile_model else "eager", "ms": ms, "peak_mib": memory,
-           "saved_activation_mib": activations or None, "noise": abs(ms["base (again)"] / ms["base"] - 1)}
+           "saved_activation_mib": activations or None, "noise": noise_floor(stats, "base", "base (again)")}
     for mode in TRAINED:
         row[f"{mode}/base"] = ms[mode] / ms["base"]
         row[f"{mode}_flops/base"] = flops[mode] / flops["base"]
@@ -167,7 +151,7 @@ def write_markdown(payload: dict) -> str:
         for m in TRAINED:
             lines.append(f"| | | {m} | {r['ms'][m]:.1f} | {fmt(r[f'{m}/base'])} | | {fmt(r[f'{m}_flops/base'])} | "
                          f"{fmt(r.get(f'{m}_act/base'))} | {fmt(r[f'{m}_mem/base'])} |")
-    return "\n".join(lines) + "\n"
+    return stamp("\n".join(lines) + "\n", env)
 
 
 def write_plot(payload: dict, path) -> None:
@@ -178,7 +162,8 @@ def write_plot(payload: dict, path) -> None:
     rows = payload["rows"]
     labels = [f"{r['model']}\n{r['mode']}" for r in rows]
     width = 0.8 / len(TRAINED)
-    fig, ax = plt.subplots(figsize=(max(6, 1.3 * len(rows)), 3.8))
+    width_in = max(6, 1.3 * len(rows))
+    fig, ax = plt.subplots(figsize=(width_in, 3.8))
     for i, mode in enumerate(TRAINED):
         xs = [x - 0.4 + width * (i + 0.5) for x in range(len(rows))]
         ax.bar(xs, [r[f"{mode}/base"] for r in rows], width, label=f"{mode} / base")
@@ -189,7 +174,8 @@ def write_plot(payload: dict, path) -> None:
     ax.set_xticklabels(labels, fontsize=7)
     ax.set_ylabel("step time / base")
     env = payload["environment"]
-    ax.set_title(f"acfx training step, {env['device']}, torch {env['torch']}, {env['date']}", fontsize=9)
+    ax.set_title(f"acfx training step, {env['device']}, torch {env['torch']}, {env['date']}\n"
+                 f"{caption(env, width=int(14 * width_in))}", fontsize=8)
     ax.legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -225,11 +211,11 @@ def main(argv=None) -> int:
             ratios = "  ".join(f"{m}/base {row[f'{m}/base']:.2f}" for m in TRAINED)
             print(f"{name:24s} {mode:7s} base {row['ms']['base']:8.1f} ms  {ratios} (noise {row['noise']:.3f}) "
                   f"FLOPs exact/base {row['exact_flops/base']:.2f}", flush=True)
-    device = "CPU" if cpu else torch.cuda.get_device_name()
-    payload = {"environment": {"device": device, "torch": torch.__version__, "date": date.today().isoformat(),
-                               "batch_size": args.batch_size, "img_size": args.img_size, "rounds": args.rounds,
-                               "steps": args.steps, "dtype": str(args.dtype).replace("torch.", "")},
-               "rows": rows}
+    env = collect(argv, __file__)
+    payload = stamp({"environment": {"device": device_label(args.device, env), "batch_size": args.batch_size,
+                                     "img_size": args.img_size, "rounds": args.rounds, "steps": args.steps,
+                                     "dtype": str(args.dtype).replace("torch.", "")},
+                     "rows": rows}, env)
     out = Path(args.out) if args.out else HERE / "results" / f"train_{'cpu' if cpu else 'gpu'}"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.with_suffix(".json").write_text(json.dumps(payload, indent=1))

@@ -6,8 +6,9 @@
 
 Every timm architecture with a conv→BN pair (acfx/timm_archs.txt), torchvision's classification models and
 its detection and segmentation models are built on the meta device (no weights, no downloads) and
-expanded in train and in eval mode; the expanded site names and each skip reason are recorded. About 15
-minutes on one core. --compare lists the models whose sites differ and why the lost ones were skipped.
+expanded in train and in eval mode; the expanded site names and each skip reason are recorded, beside the
+run's "environment" (benchmarks/environment.py). About 15 minutes on one core. --compare lists the models whose
+sites differ and why the lost ones were skipped.
 """
 from __future__ import annotations
 
@@ -19,6 +20,11 @@ import sys
 import time
 import warnings
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from environment import collect, stamp  # noqa: E402
+
+ENVIRONMENT = "environment"  # the one key of a recorded file that is not a model
 
 _DETECTION_AND_SEGMENTATION = ("fasterrcnn_resnet50_fpn", "retinanet_resnet50_fpn", "maskrcnn_resnet50_fpn",
                                "keypointrcnn_resnet50_fpn", "fcos_resnet50_fpn", "ssdlite320_mobilenet_v3_large",
@@ -55,13 +61,14 @@ def record(out: str, pattern: str = "*") -> None:
             sites[name] = {"error": f"{type(error).__name__}: {str(error)[:200]}"}
         if i % 100 == 0:
             print(f"{i}/{len(names)} {name} ({time.perf_counter() - start:.0f} s)", flush=True)
-    Path(out).write_text(json.dumps(sites))
+    Path(out).write_text(json.dumps(stamp(sites, collect(script=__file__))))
     total = sum(len(v.get("expanded", ())) for v in sites.values())
     print(f"{len(names)} models, {total} sites (train and eval mode counted apart): {out}")
 
 
 def compare(before: str, after: str) -> int:
-    old, new = json.loads(Path(before).read_text()), json.loads(Path(after).read_text())
+    old, new = ({k: v for k, v in json.loads(Path(path).read_text()).items() if k != ENVIRONMENT}
+                for path in (before, after))
     lost_reasons = collections.Counter()
     changed = 0
     for key in sorted(set(old) | set(new)):
