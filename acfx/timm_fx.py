@@ -11,10 +11,8 @@ __all__ = ["register_timm_fx_leaves"]
 
 
 def register_timm_fx_leaves() -> None:
-    try:
-        from timm.layers import register_notrace_module
-    except ImportError:  # pragma: no cover - timm is a dependency, but acfx works on plain torch too
-        return
+    from timm.layers import register_notrace_module
+
     from .layers.block import ACBlock, NormTail
     from .layers.online import OnlineACConv
     from .layers.padding import DynamicSamePad2d

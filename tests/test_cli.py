@@ -1,4 +1,5 @@
 """The command line: `acfx check` (its output and exit codes)."""
+import dataclasses
 import subprocess
 import sys
 
@@ -105,8 +106,8 @@ def test_collapse_of_a_wrong_fusion_writes_nothing(tmp_path, capsys, monkeypatch
     _, plain = _save_plain(tmp_path)
     acb = tmp_path / "acb.pth"
     assert main(["expand", str(plain), "--model", "resnet18", "-o", str(acb)]) == 0
-    real = block.combine
-    monkeypatch.setattr(block, "combine", lambda *a, **k: (real(*a, **k)[0] * 1.01, real(*a, **k)[1]))
+    real = block.fit
+    monkeypatch.setattr(block, "fit", lambda *a, **k: dataclasses.replace(real(*a, **k), kernel=real(*a, **k).kernel * 1.01))
     out = tmp_path / "out.pth"
     assert main(["collapse", str(acb), "--model", "resnet18", "-o", str(out)]) == 1
     captured = capsys.readouterr()

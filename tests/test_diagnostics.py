@@ -1,4 +1,6 @@
 """The round-trip verdict of `acfx check` and the coverage sweep: what counts as exact."""
+import dataclasses
+
 import pytest
 import torch
 import torch.nn as nn
@@ -38,13 +40,13 @@ class _Broken(nn.Module):
 
 def test_round_trip_catches_a_wrong_fusion(monkeypatch):
     import acfx.layers.block as block
-    real = block.combine
+    real = block.fit
 
     def off_by_one_percent(*args, **kwargs):
-        kernel, bias = real(*args, **kwargs)
-        return kernel * 1.01, bias
+        fused = real(*args, **kwargs)
+        return dataclasses.replace(fused, kernel=fused.kernel * 1.01)
 
-    monkeypatch.setattr(block, "combine", off_by_one_percent)
+    monkeypatch.setattr(block, "fit", off_by_one_percent)
     result = check_round_trip("broken", _Broken, torch.randn(2, 3, 16, 16))
     assert result.failure is None and result.local_error > 1e-3 and not result.exact and not result.ok, result
 

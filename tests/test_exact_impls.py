@@ -24,7 +24,8 @@ def pair(impl: str, model: nn.Module, **expand_kwargs):
     """The same expanded model twice: branch forward (reference) and ``impl``."""
     reference = randomize_bn(acfx.expand(model, **expand_kwargs), seed=5).train()
     other = copy.deepcopy(reference)
-    assert acfx.set_exact_impl(other, impl) == {}
+    _, report = acfx.set_exact_impl(other, impl, return_report=True)
+    assert not report.skipped and report.of("switched"), report
     return reference, other
 
 

@@ -154,14 +154,28 @@ def test_bad_options_raise_with_the_fix(kwargs, error, text):
 
 
 # -- one record of the options: everything that offers them is derived from it or tested against it ---------
-def test_expand_signature_is_the_options_record():
+def test_expand_takes_the_options_record_and_its_fields_as_overrides():
+    import dataclasses
     import inspect
 
     from acfx.passes.options import ExpandOptions
     parameters = inspect.signature(acfx.expand).parameters
-    offered = {n: p.default for n, p in parameters.items() if n not in ("model", "inplace", "return_report")}
-    assert set(offered) == {f.name for f in ExpandOptions.fields()}
-    assert all(offered[f.name] == f.default for f in ExpandOptions.fields())
+    assert list(parameters) == ["model", "options", "inplace", "return_report", "overrides"]
+    assert parameters["overrides"].kind is inspect.Parameter.VAR_KEYWORD
+    record = ExpandOptions(placement="border", init="preserve")
+    assert ExpandOptions.resolve(record, {}) == record
+    assert ExpandOptions.resolve(record, {"init": "scratch"}) == dataclasses.replace(record, init="scratch")
+    assert ExpandOptions.resolve(None, {"mode": "online"}).norm is None
+    by_record = acfx.expand(TwoLayer(), record)
+    by_keywords = acfx.expand(TwoLayer(), placement="border", init="preserve")
+    assert [type(m) for m in by_record.modules()] == [type(m) for m in by_keywords.modules()]
+    assert torch.equal(by_record.conv1.layout, by_keywords.conv1.layout)
+    with pytest.raises(TypeError, match="unknown option 'placment'; the options are"):
+        acfx.expand(TwoLayer(), placment="border")
+    with pytest.raises(TypeError, match="must be an acfx.ExpandOptions"):
+        acfx.expand(TwoLayer(), {"init": "preserve"})
+    assert ExpandOptions.choices("placement") == ("centre", "border")
+    assert ExpandOptions.choices("norm") == ("branch", "sum") and ExpandOptions.choices("gamma_init") == ()
 
 
 def test_readme_table_lists_every_option_with_its_choices():
@@ -177,7 +191,7 @@ def test_readme_table_lists_every_option_with_its_choices():
         rows[cells[0].strip("`")] = re.findall(r'"([^"]+)"', cells[1])
     assert set(rows) == {f.name for f in ExpandOptions.fields()}
     for field in ExpandOptions.fields():
-        choices = list(field.metadata["choices"])
+        choices = list(ExpandOptions.choices(field.name))
         if choices:  # the default first (norm's None means "branch" in exact mode)
             assert sorted(rows[field.name]) == sorted(choices), (field.name, rows[field.name])
             assert rows[field.name][0] == (field.default or choices[0]), field.name

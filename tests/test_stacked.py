@@ -17,11 +17,11 @@ from helpers import assert_rel_close, randomize_bn
 def test_blocks_that_keep_the_branch_forward_are_reported():
     model = nn.Sequential(nn.Conv2d(4, 8, 3, padding=1), nn.BatchNorm2d(8))
     summed = acfx.expand(model, norm="sum")
-    kept = acfx.set_exact_impl(summed, "stacked")
-    assert list(kept) == ["0"] and "norm='branch'" in kept["0"]
+    same, report = acfx.set_exact_impl(summed, "stacked", return_report=True)
+    assert same is summed and [e.name for e in report.skipped] == ["0"] and "norm='branch'" in report.skipped[0].detail
     synced = nn.SyncBatchNorm.convert_sync_batchnorm(acfx.expand(model))
-    kept = acfx.set_exact_impl(synced, "stacked")
-    assert "SyncBatchNorm" in kept["0"]
+    _, report = acfx.set_exact_impl(synced, "stacked", return_report=True)
+    assert "SyncBatchNorm" in report.skipped[0].detail
     x = torch.randn(2, 4, 9, 9)
     reference = randomize_bn(acfx.expand(model), seed=1).eval()
     fallback = copy.deepcopy(reference)

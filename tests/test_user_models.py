@@ -445,3 +445,22 @@ def test_ssdlite_heads_expand_under_code_that_does_not_trace_and_collapse_exactl
         assert_rel_close(head(collapsed), y, what="collapsed heads (float64)")
     fresh = torchvision.models.detection.ssdlite320_mobilenet_v3_large(weights=None, weights_backbone=None)
     fresh.double().load_state_dict(collapsed.state_dict(), strict=True)
+
+
+def test_timm_frozen_norm_act_layers_are_unfrozen_and_their_convs_expand():
+    from timm.layers import BatchNormAct2d, ConvNormAct, FrozenBatchNormAct2d, freeze_batch_norm_2d
+    torch.manual_seed(0)
+    model = nn.Sequential(ConvNormAct(3, 8, 3), ConvNormAct(8, 8, 3))
+    randomize_bn(model)
+    frozen = freeze_batch_norm_2d(model).eval()
+    assert isinstance(frozen[0].bn, FrozenBatchNormAct2d)
+    x = torch.randn(2, 3, 8, 8)
+    expected = frozen(x)
+    unfrozen, report = acfx.unfreeze_batch_norm(frozen, inplace=False, return_report=True)
+    assert [e.action for e in report.entries] == ["unfrozen", "unfrozen"], report
+    assert isinstance(frozen[0].bn, FrozenBatchNormAct2d), "inplace=False changed the model it was given"
+    assert type(unfrozen[0].bn) is BatchNormAct2d and type(unfrozen[0].bn.act) is type(frozen[0].bn.act)
+    assert_rel_close(unfrozen.eval()(x), expected)
+    acnet, expand_report = acfx.expand(unfrozen, init="preserve", return_report=True)
+    assert len(expand_report.of("expanded")) == 2
+    assert_rel_close(acnet.eval()(x), expected)

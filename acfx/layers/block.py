@@ -1,7 +1,12 @@
-"""The Asymmetric Convolution Block and the module left in the BatchNorm's slot.
+"""The block expand puts in a conv's slot, holding its branches, and the module left in the BatchNorm's slot.
 
-An ACB and its NormTail are a pair built together by expand. In training the block outputs the sum of
-its normalised branches and the tail passes it on (as a new tensor: the BN it replaces never returned its
+A block is a shared padding of its input plus branches, summed. Each branch is data (:class:`Branch`):
+where it reads the shared input and the modules it runs on it, in order; the forward, the alternative
+forwards (stacked.py, recompute.py), fusion and the recorded layout all iterate the branches. The ACB of
+ACNet is the block with a k×k, a 1×k and a k×1 branch, each conv → BN.
+
+An ACB and its NormTail are a pair built together by expand. In training the block outputs the sum of its
+normalised branches and the tail passes it on (as a new tensor: the BN it replaces never returned its
 input). In eval the block outputs what the single conv it collapses into outputs (the sum without its
 per-channel shift) and the tail adds the shift, so that the tensor in the conv's slot and the one in the
 BN's slot mean the same before and after collapse. Each of the pair can fuse itself from its own children
@@ -10,6 +15,7 @@ BN's slot mean the same before and after collapse. Each of the pair can fuse its
 """
 from __future__ import annotations
 
+import dataclasses
 from typing import Dict, List, Optional, Tuple
 
 import torch
@@ -17,32 +23,68 @@ import torch.fx._symbolic_trace as _fx_trace
 import torch.nn as nn
 
 from .cfg_links import restore_cfg
-from .convs import kernel_of
 from .forwards import alternative_forward
-from .fusion import Term, combine, fuse_pair
+from .fusion import fit, fuse_pair
 from .geometry import Window
-from .layout import ASYMMETRIC, BRANCHES, BlockLayout, layout_difference
+from .layout import BlockLayout, BranchLayout, layout_difference
+from .linear_map import Inexact, add
 from .module_copies import hollow_copy
+from .norms import fusion_dtype
 from .padding import crop_sides
 from .recorded_layout import RecordedLayout
+from .stage_maps import branch_map
 
 # True inside fx.symbolic_trace; older torch only has is_fx_tracing, which export sets too.
 _symbolic_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", _fx_trace.is_fx_tracing)
 
-__all__ = ["ACBlock", "NormTail"]
+__all__ = ["Branch", "ACBlock", "NormTail"]
 
 
 def _sides(window: Window) -> Tuple[int, int, int, int]:
     return (window.top, window.bottom, window.left, window.right)
 
 
-class ACBlock(RecordedLayout):
-    """k×k, 1×k and k×1 convolutions on one input, each with its own BN (if any), summed.
+@dataclasses.dataclass(frozen=True)
+class Branch:
+    """One summed branch of a block: its layout (where it reads the shared input and sits in the kernel) and
+    the modules it runs, in order, with their names in the block."""
 
-    Built by :func:`acfx.expand` from a :class:`~acfx.layers.layout.BlockLayout` (where each branch reads and sits
-    in the k×k kernel); :func:`acfx.collapse` fuses it back into one convolution. ``pad`` is the padding
-    the branches share (None when every branch conv pads by itself); ``template`` a copy without tensors
-    of the conv the block replaces, which fusion refills.
+    layout: BranchLayout
+    names: Tuple[str, ...]
+    modules: Tuple[nn.Module, ...]
+
+    @property
+    def name(self) -> str:
+        return self.layout.name
+
+    @property
+    def conv(self) -> Optional[nn.Module]:
+        """The branch's conv, when it is one conv followed by at most a BN (the ACB's branches)."""
+        return self.modules[0] if self.modules and not _is_norm(self.modules[0]) else None
+
+    @property
+    def norm(self) -> Optional[nn.Module]:
+        """The BN after the branch's conv (None: the conv's output is summed as it is)."""
+        return self.modules[1] if len(self.modules) == 2 and _is_norm(self.modules[1]) else None
+
+    @property
+    def conv_norm(self) -> bool:
+        """The branch is one conv, or one conv and the BN after it (what the stacked and recompute forwards
+        compute)."""
+        return self.conv is not None and len(self.modules) == (2 if self.norm is not None else 1)
+
+
+def _is_norm(module: nn.Module) -> bool:
+    return isinstance(module, nn.modules.batchnorm._BatchNorm)
+
+
+class ACBlock(RecordedLayout):
+    """Branches on one input, summed: ACNet's k×k, 1×k and k×1 convolutions, each with its own BN (if any).
+
+    Built by :func:`acfx.expand` from a :class:`~acfx.layers.layout.BlockLayout` (where each branch reads and
+    sits in the k×k kernel) and the modules of each branch; :func:`acfx.collapse` fuses it back into one
+    convolution. ``pad`` is the padding the branches share (None when every branch pads by itself);
+    ``template`` a copy without tensors of the conv the block replaces, which fusion refills.
 
     ``impl`` picks how the forward is computed: ``"branches"`` (the reference, as written below),
     ``"stacked"`` (one conv, one BN, one sum: :mod:`acfx.layers.stacked`) or ``"recompute"`` (the branches, keeping
@@ -54,19 +96,31 @@ class ACBlock(RecordedLayout):
     """
 
     __jit_unused_properties__ = ["offsets", "hor_crop", "ver_crop"]
+    __jit_ignored_attributes__ = ["plan", "_stages", "_crops"]
 
     def __init__(self, layout: BlockLayout, convs: Dict[str, nn.Module], norms: Dict[str, Optional[nn.Module]],
                  pad: Optional[nn.Module] = None, template: Optional[nn.Module] = None) -> None:
         super().__init__()
         self.impl = "branches"
         self.pad = pad
-        for name in BRANCHES:
-            setattr(self, name, convs.get(name))
-            setattr(self, name + "_bn", norms.get(name))
         self.plan = layout
+        # Each branch's module names in the block, in the order the branch runs them.
+        stages: List[Tuple[str, ...]] = []
+        for branch in layout.branches:
+            conv, norm = convs.get(branch.name), norms.get(branch.name)
+            setattr(self, branch.name, conv)
+            setattr(self, branch.name + "_bn", norm)
+            stages.append((branch.name,) + ((branch.name + "_bn",) if norm is not None else ()))
+        for name in ("hor", "ver"):  # TorchScript reads absent ACB branches as None constants
+            if name not in self._modules:
+                setattr(self, name, None)
+                setattr(self, name + "_bn", None)
+        self._stages: Tuple[Tuple[str, ...], ...] = tuple(stages)
+        # Each branch's crop of the shared input as (top, bottom, left, right): plain tuples, which compilers read.
+        self._crops: Tuple[Tuple[int, int, int, int], ...] = tuple(_sides(b.crop) for b in layout.branches)
         # The geometry of the conv this block computes, for code that reads it off the module in the slot
         # (timm's ConvNormAct.in_channels, ...). There is no single ``weight``: see fused() / fuse().
-        square = convs["square"]
+        square = convs[layout.branches[0].name]
         self.in_channels, self.out_channels = square.in_channels, square.out_channels
         self.kernel_size: Tuple[int, int] = tuple(layout.kernel_size)
         self.stride, self.dilation, self.groups = tuple(square.stride), tuple(square.dilation), square.groups
@@ -78,16 +132,28 @@ class ACBlock(RecordedLayout):
         self._tail: tuple = ()  # the NormTail in the BN's slot, set by NormTail
         # A plain flag (compilers read it without a look at the tail): a NormTail adds the eval shift.
         self.paired = False
-        self._register_layout(next((t.device for t in self._tensors()), None))
+        self._register_layout(next((t.device for t in self.parameters()), None))
 
     def tail(self) -> Optional["NormTail"]:
         """The NormTail in the BN's slot after this block (None: the block's output is its own)."""
         return self._tail[0] if self._tail else None
 
-    def _tensors(self) -> List[torch.Tensor]:
-        return [t for m in (self.square, self.hor, self.ver) if m is not None for t in m.parameters()]
+    # -- the branches -------------------------------------------------------------------------------------
+    @torch.jit.unused
+    def branches(self) -> List[Branch]:
+        """The branches, in the order they are summed (the first holds the conv the block replaced)."""
+        return [Branch(layout, names, tuple(self._modules[n] for n in names))
+                for layout, names in zip(self.plan.branches, self._stages)]
 
-    # -- geometry, read by fusion and the alternative forwards -------------------------------------------
+    def primary_conv(self) -> nn.Module:
+        """The conv of the first branch: the one that shares the replaced conv's weight."""
+        return self._modules[self._stages[0][0]]
+
+    def primary_norm(self) -> Optional[nn.Module]:
+        """The BN of the first branch (it shares the replaced BN's parameters and statistics), if any."""
+        names = self._stages[0]
+        return self._modules[names[1]] if len(names) > 1 else None
+
     @property
     def offsets(self) -> Dict[str, Tuple[int, int]]:
         """(row, column) of each branch's kernel in the k×k kernel."""
@@ -102,15 +168,16 @@ class ACBlock(RecordedLayout):
         return self.plan.branch("ver").crop if self.plan.branch("ver") else Window()
 
     def branch_names(self) -> List[str]:
-        return [name for name in BRANCHES if getattr(self, name) is not None]
+        return [branch.name for branch in self.plan.branches]
 
     # -- forward ------------------------------------------------------------------------------------------
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if torch.jit.is_scripting():
-            return self._branch_forward(x)
+            return self._scripted_forward(x)
         return self._eager_forward(x)
 
-    def _branch_forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The ACB's branches written out for TorchScript, which cannot iterate named children."""
         if self.pad is not None:
             x = self.pad(x)
         out = self.square(x)
@@ -129,6 +196,31 @@ class ACBlock(RecordedLayout):
         return out
 
     @torch.jit.unused
+    def _branch_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """The reference forward: each branch on its crop of the shared input, summed."""
+        if self.pad is not None:
+            x = self.pad(x)
+        out: Optional[torch.Tensor] = None
+        for sides, names in zip(self._crops, self._stages):
+            y = crop_sides(x, sides)
+            for name in names:
+                y = self._modules[name](y)
+            out = y if out is None else out + y
+        return out
+
+    @torch.jit.unused
+    def conv_norm_pairs(self) -> Optional[List[Tuple[Tuple[int, int, int, int], nn.Module, Optional[nn.Module]]]]:
+        """(crop sides, conv, BN or None) of each branch when every branch is a conv and at most a BN (what the
+        stacked and recompute forwards compute); None otherwise. Plain tuples: compilers read them."""
+        pairs = []
+        for sides, names in zip(self._crops, self._stages):
+            modules = [self._modules[name] for name in names]
+            if not modules or _is_norm(modules[0]) or len(modules) > 2 or (len(modules) == 2 and not _is_norm(modules[1])):
+                return None
+            pairs.append((sides, modules[0], modules[1] if len(modules) == 2 else None))
+        return pairs
+
+    @torch.jit.unused
     def _eager_forward(self, x: torch.Tensor) -> torch.Tensor:
         if _symbolic_tracing():
             return self._branch_forward(x)  # collapse and fx tools see the branches
@@ -139,27 +231,36 @@ class ACBlock(RecordedLayout):
         return out
 
     # -- fusion -------------------------------------------------------------------------------------------
-    def terms(self, prefix: str = "") -> List[Term]:
-        """The branches as fusion reads them (kernels as convolved, BNs, offsets)."""
-        terms = []
-        for name in self.branch_names():
-            conv, norm = getattr(self, name), getattr(self, name + "_bn")
-            weight = kernel_of(conv)
-            terms.append(Term(f"{prefix}{name}", weight, conv.bias, norm, f"{prefix}{name}_bn",
-                              self.offsets[name]))
-        return terms
-
+    @torch.jit.unused
     def fused(self, prefix: str = "") -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
         """(kernel, bias) of the one conv this block computes in eval, in the fusion dtype (float64)."""
+        primary = self.primary_conv()
+        like = torch.empty(0, dtype=fusion_dtype(primary.weight.device), device=primary.weight.device)
         with torch.no_grad():
-            return combine(self.terms(prefix), self.kernel_size)
+            maps = []
+            for branch in self.branches():
+                found = branch_map(branch.modules, [f"{prefix}{n}" for n in branch.names], branch.layout.crop,
+                                   self.in_channels, like)
+                if isinstance(found, Inexact):
+                    raise AssertionError(f"acfx internal error: branch {prefix}{branch.name} is not linear: "
+                                         f"{found.reason}; please report it")
+                maps.append(found)
+            summed = add(maps)
+            if not isinstance(summed, Inexact):
+                summed = fit(summed, self.kernel_size, self.plan.fused_window)
+            if isinstance(summed, Inexact):
+                raise AssertionError(f"acfx internal error: the branches of {prefix or 'a block'} do not add up: "
+                                     f"{summed.reason}; please report it")
+        return summed.kernel, summed.bias
 
     def eval_shift(self) -> torch.Tensor:
         """The per-channel shift of the eval output [C_out] (Σ β − (μ − b)·γ/σ over the branches), in the
         block's dtype. Plain tensor arithmetic, so that export and compile see through it."""
-        shift = torch.zeros_like(self.square.weight[:, 0, 0, 0])
-        for name in self.branch_names():
-            conv, norm = getattr(self, name), getattr(self, name + "_bn")
+        primary = self.primary_conv()
+        shift = torch.zeros_like(primary.weight[:, 0, 0, 0])
+        for names in self._stages:
+            conv = self._modules[names[0]]
+            norm = self._modules[names[1]] if len(names) > 1 else None
             bias = conv.bias
             if norm is None:
                 if bias is not None:
@@ -190,14 +291,14 @@ class ACBlock(RecordedLayout):
     # -- checkpoints --------------------------------------------------------------------------------------
     def layout_values(self) -> List[int]:
         """How the branch kernels add up (BlockLayout.record), saved as the ``layout`` buffer."""
-        return self.plan.record({name: getattr(self, name + "_bn") is not None for name in self.branch_names()})
+        return self.plan.record({names[0]: len(names) > 1 for names in self._stages})
 
     def layout_problem(self, saved: torch.Tensor) -> Optional[str]:
         return layout_difference(saved, torch.tensor(self.layout_values()))
 
     def extra_repr(self) -> str:
-        kinds = [name for name in ASYMMETRIC if getattr(self, name) is not None]
-        return f"branches={kinds}, bn_per_branch={self.square_bn is not None or self.hor_bn is not None}"
+        kinds = self.branch_names()[1:]
+        return f"branches={kinds}, bn_per_branch={any(len(names) > 1 for names in self._stages)}"
 
 
 class NormTail(nn.Module):
@@ -269,9 +370,10 @@ class NormTail(nn.Module):
         """The BN of the original kind this slot holds again once its block is fused (its ``fuse()``)."""
         _, norm = fuse_pair(self.block())
         if norm is None:
-            raise ValueError("acfx: this NormTail has no block to fuse with (built by an older acfx?); use "
+            raise ValueError("acfx: this NormTail has no block to fuse with (built by an older acfx); use "
                              "acfx.collapse on the whole model")
         return norm
+
 
     def extra_repr(self) -> str:
         return f"was={self.norm_type.__name__}"

@@ -12,14 +12,10 @@ from typing import Optional
 
 import torch
 import torch.nn as nn
+from timm.layers import Conv2dSame as _Conv2dSame
 from torch.nn.utils import parametrize
 
 from .split_conv import EvenSplitConv2d
-
-try:  # timm is optional at import time
-    from timm.layers import Conv2dSame as _Conv2dSame
-except ImportError:  # pragma: no cover - timm is a dependency, but acfx works on plain torch too
-    _Conv2dSame = None
 
 __all__ = ["PLAIN", "SAME", "conv_kind", "instance_override", "extra_state", "unknown_conv_reason", "is_dynamic_same",
            "other_conv_reason", "kernel_of"]
@@ -55,7 +51,7 @@ def conv_kind(module: nn.Module) -> Optional[str]:
     if instance_override(module) or extra_state(module):
         return None
     kind = type(module)
-    if _Conv2dSame is not None and isinstance(module, _Conv2dSame):
+    if isinstance(module, _Conv2dSame):
         return SAME if kind.forward is _Conv2dSame.forward else None
     if kind.forward is nn.Conv2d.forward and kind._conv_forward is nn.Conv2d._conv_forward:
         return PLAIN

@@ -1,31 +1,30 @@
-"""How a block is fused: BN folding, adding kernels into one window, and an ACB with its NormTail.
+"""How a block is fused: its branches' maps summed into one kernel, BN folding, and an ACB with its NormTail.
 
-All of it runs in float64 and is cast back by the caller, so that collapsing a float32 model adds no
-error of its own beyond one rounding. Source: Ding et al., ACNet (ICCV 2019), Sect. 3.3.
+All of it runs in float64 (the algebra of linear_map.py on float64 tensors) and is cast back by the caller,
+so that collapsing a float32 model adds no error of its own beyond one rounding. Source: Ding et al., ACNet
+(ICCV 2019), Sect. 3.3.
 """
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 
+from .convs import kernel_of
+from .geometry import Window
+from .linear_map import ConvMap, Inexact, add
 from .module_copies import refill_conv
+from .norms import check_finite, fusion_dtype, norm_affine
 
-__all__ = ["Term", "fusion_dtype", "norm_affine", "fold_norm", "embed", "combine", "check_finite",
-           "identity_norm_params", "fuse_pair"]
-
-
-def fusion_dtype(device: torch.device) -> torch.dtype:
-    """The dtype fusion computes in: float64, except on devices without it (Apple MPS: float32)."""
-    return torch.float32 if device.type == "mps" else torch.float64
+__all__ = ["Term", "combine", "fit", "fold_into_conv", "identity_norm_params", "fuse_pair", "check_finite",
+           "fusion_dtype"]
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Term:
-    """One summed branch as fusion sees it: a conv kernel, its bias, the BN after it, where it sits."""
+    """One summed conv(→BN) branch as a matcher resolved it: a kernel, its bias, the BN after it, where it sits."""
 
     # Qualified name of the branch's conv, for error messages.
     name: str
@@ -39,44 +38,67 @@ class Term:
     offset: Tuple[int, int]
 
 
-def check_finite(name: str, what: str, tensor: Optional[torch.Tensor]) -> None:
-    if tensor is not None and not bool(torch.isfinite(tensor).all()):
-        raise ValueError(f"acfx.collapse: {what} of '{name}' is not finite (NaN or inf). The model cannot be "
-                         "fused; check for diverged training or reload a good checkpoint before collapsing.")
+def _term_map(term: Term, size: Tuple[int, int], dtype: torch.dtype) -> ConvMap:
+    weight = term.weight.detach().to(dtype)
+    bias = None if term.bias is None else term.bias.detach().to(dtype)
+    found = ConvMap(weight, bias)
+    if term.norm is not None:
+        scale, shift = norm_affine(term.norm, term.norm_name)
+        found = found.then_affine(scale.to(dtype), shift.to(dtype))
+    return found.embedded(size, term.offset)
 
 
-def norm_affine(norm: nn.Module, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (scale, shift) of a BN in eval mode, in float64: γ/σ and β − μ·γ/σ."""
-    for what in ("running_mean", "running_var", "weight", "bias"):
-        check_finite(name, what, getattr(norm, what, None))
-    dtype = fusion_dtype(norm.running_var.device)
-    var = norm.running_var.to(dtype) + norm.eps
-    if bool((var <= 0).any()):
-        raise ValueError(f"acfx.collapse: running_var + eps of '{name}' is not positive; the BN statistics are "
-                         "broken, recompute them before collapsing.")
-    scale = torch.rsqrt(var)  # shape [C_out]
-    if norm.weight is not None:
-        scale = scale * norm.weight.to(dtype)
-    shift = -norm.running_mean.to(dtype) * scale
-    if norm.bias is not None:
-        shift = shift + norm.bias.to(dtype)
-    return scale, shift
+def _check_result(names: Sequence[str], kernel: torch.Tensor, bias: Optional[torch.Tensor],
+                  weights: Sequence[torch.Tensor]) -> None:
+    """Non-finite weights are found in the result, then named (the slow path runs only on error)."""
+    if not bool(torch.isfinite(kernel).all()):
+        for name, weight in zip(names, weights):
+            check_finite(name, "weight", weight.detach())
+        check_finite(names[0], "fused kernel", kernel)
+    check_finite(names[0], "fused bias", bias)
 
 
-def fold_norm(kernel: torch.Tensor, bias: Optional[torch.Tensor], scale: torch.Tensor,
-              shift: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
-    """BN(conv(x, kernel) + bias) as one conv: (kernel·scale, shift + scale·bias)."""
-    kernel = kernel * scale.view(-1, 1, 1, 1)  # scale: [C_out, 1, 1, 1]
-    if bias is not None:
-        shift = shift + scale * bias
-    return kernel, shift
+def combine(terms: Sequence[Term], size: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Σ over ``terms`` of their BN-folded kernels placed at their offsets in a kernel of ``size``, and the
+    summed bias (None when no term has a BN or a bias), in :func:`fusion_dtype`."""
+    assert terms, "combine needs at least one term"
+    dtype = fusion_dtype(terms[0].weight.device)
+    maps = [_term_map(term, size, dtype) for term in terms]
+    kernel = maps[0].kernel
+    for other in maps[1:]:
+        kernel = kernel + other.kernel
+    biases = [m.bias for m in maps if m.bias is not None]
+    bias = None
+    for b in biases:
+        bias = b if bias is None else bias + b
+    _check_result([t.name for t in terms], kernel, bias, [t.weight for t in terms])
+    return kernel, bias
 
 
-def embed(kernel: torch.Tensor, size: Tuple[int, int], offset: Tuple[int, int]) -> torch.Tensor:
-    """Place ``kernel`` [C_out, C_in/g, h, w] at ``offset`` (row, col) of a zero kernel of ``size``."""
-    h, w = kernel.shape[-2:]
-    top, left = offset
-    return F.pad(kernel, (left, size[1] - w - left, top, size[0] - h - top))
+def fit(found: ConvMap, kernel_size: Tuple[int, int], window: Window) -> Union[ConvMap, Inexact]:
+    """``found`` written as a map of ``kernel_size`` reading ``window`` (a conv's own geometry), if it is one."""
+    target = ConvMap(found.kernel.new_zeros(found.out_channels, found.kernel.shape[1], *kernel_size), None,
+                     found.stride, found.dilation, found.groups, window)
+    summed = add([target, found])
+    if isinstance(summed, Inexact):
+        return summed
+    if summed.kernel_size != tuple(kernel_size) or summed.window != window:
+        return Inexact(f"the branches sum to a {summed.kernel_size} kernel reading {summed.window}, not the conv's "
+                       f"{tuple(kernel_size)} reading {window}")
+    return summed
+
+
+def fold_into_conv(conv: nn.Module, norm: nn.Module, conv_name: str, norm_name: str
+                   ) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(kernel, bias) of BN(conv(x)) as one conv, in :func:`fusion_dtype`: the kernel scaled per output channel,
+    the shift plus the scaled conv bias."""
+    weight = kernel_of(conv)
+    dtype = fusion_dtype(weight.device)
+    found = ConvMap(weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype))
+    scale, shift = norm_affine(norm, norm_name)
+    folded = found.then_affine(scale.to(dtype), shift.to(dtype))
+    _check_result([conv_name], folded.kernel, folded.bias, [weight])
+    return folded.kernel, folded.bias
 
 
 def identity_norm_params(bias: torch.Tensor, eps: float, affine: bool) -> Tuple[dict, float]:
@@ -96,46 +118,12 @@ def identity_norm_params(bias: torch.Tensor, eps: float, affine: bool) -> Tuple[
     return params, float(sigma[0]) if len(sigma) else 1.0
 
 
-def combine(terms: Sequence[Term], size: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    """Σ over ``terms`` of their BN-folded kernels placed at their offsets in a kernel of ``size``, and the
-    summed bias (None when no term has a BN or a bias), in :func:`fusion_dtype`. ACNet Sect. 3.3.
-
-    One pass over the weights: each is converted once, scaled per output channel and added into its
-    window of the fused kernel (no padded copies). Non-finite weights are found in the result, then named.
-    """
-    assert terms, "combine needs at least one term"
-    first = terms[0].weight
-    dtype = fusion_dtype(first.device)
-    kernel = torch.zeros(*first.shape[:2], *size, dtype=dtype, device=first.device)
-    bias: Optional[torch.Tensor] = None
-    for term in terms:
-        weight = term.weight.detach()
-        b = None if term.bias is None else term.bias.detach().to(dtype)
-        h, w = weight.shape[-2:]
-        top, left = term.offset
-        window = kernel[:, :, top:top + h, left:left + w]
-        if term.norm is not None:
-            scale, shift = norm_affine(term.norm, term.norm_name)
-            window.addcmul_(weight, scale.view(-1, 1, 1, 1).to(dtype))
-            b = shift if b is None else shift + scale * b
-        else:
-            window.add_(weight)
-        if b is not None:
-            bias = b if bias is None else bias + b
-    if not bool(torch.isfinite(kernel).all()):
-        for term in terms:  # name the culprit (the slow path runs only on error)
-            check_finite(term.name, "weight", term.weight.detach())
-        check_finite(terms[0].name, "fused kernel", kernel)
-    check_finite(terms[0].name, "fused bias", bias)
-    return kernel, bias
-
-
 def _tail_norm(block: nn.Module, tail: nn.Module, bias: torch.Tensor, kernel: torch.Tensor
                ) -> Tuple[nn.Module, torch.Tensor]:
     """The BN for ``tail``'s slot holding the fused shift ``bias``; the kernel to use with it."""
     template = tail._norm_template[0]
-    source = block.square_bn
-    ref = source.running_var if source is not None else block.square.weight
+    source = block.primary_norm()
+    ref = source.running_var if source is not None else block.primary_conv().weight
     params, factor = identity_norm_params(bias.to(ref.dtype).to(ref.device), template.eps, template.affine)
     params["num_batches_tracked"] = (source.num_batches_tracked.clone() if source is not None
                                      else torch.zeros((), dtype=torch.long, device=ref.device))
@@ -145,7 +133,7 @@ def _tail_norm(block: nn.Module, tail: nn.Module, bias: torch.Tensor, kernel: to
 
 def fuse_pair(block: Optional[nn.Module], restore_tail: bool = True, name: str = ""
               ) -> Tuple[Optional[nn.Module], Optional[nn.Module]]:
-    """(conv, BN) an ACBlock and its NormTail become in eval (block.fused() adds the kernels up).
+    """(conv, BN) a block and its NormTail become in eval (``block.fused()`` adds the branches up).
 
     The conv has the original class and configuration and holds the fused kernel. When the block has a
     NormTail, the conv computes the block's eval output (the sum without its shift) and the BN of the
@@ -155,8 +143,8 @@ def fuse_pair(block: Optional[nn.Module], restore_tail: bool = True, name: str =
     if block is None:
         return None, None
     kernel, bias = block.fused(f"{name}." if name else "")
-    square = block.square
-    keep_bias = square.bias is not None
+    primary = block.primary_conv()
+    keep_bias = primary.bias is not None
     tail = block.tail()
     norm = None
     if tail is not None and bias is not None:
@@ -165,9 +153,9 @@ def fuse_pair(block: Optional[nn.Module], restore_tail: bool = True, name: str =
         bias = torch.zeros_like(bias) if keep_bias else None
     template = block.template()
     if template is None:
-        raise ValueError("acfx: this ACBlock does not record the conv it replaces (built by an older acfx); "
+        raise ValueError("acfx: this block does not record the conv it replaces (built by an older acfx); "
                          "use acfx.collapse on the whole model")
-    ref = square.weight
+    ref = primary.weight
     conv = refill_conv(template, kernel.to(ref.dtype), None if bias is None else bias.to(ref.dtype),
                        requires_grad=ref.requires_grad, training=block.training)
     return conv, norm

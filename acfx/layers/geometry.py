@@ -33,9 +33,6 @@ class Window:
         return Window(self.top + other.top, self.bottom + other.bottom,
                       self.left + other.left, self.right + other.right)
 
-    def __neg__(self) -> "Window":
-        return Window(-self.top, -self.bottom, -self.left, -self.right)
-
     @property
     def is_zero(self) -> bool:
         return self == Window()

@@ -93,6 +93,14 @@ class BlockLayout:
     def offsets(self) -> Dict[str, Tuple[int, int]]:
         return {b.name: b.offset for b in self.branches}
 
+    @property
+    def fused_window(self) -> Window:
+        """The window the fused kernel reads of the branches' input (after the shared padding, if any)."""
+        if self.pre_pad is not None or self.dynamic_same:
+            return Window()
+        ph, pw = self.branches[0].padding
+        return Window(ph, ph, pw, pw)
+
     def record(self, normed: Dict[str, bool]) -> List[int]:
         """The integers that decide how the branches' kernels add up, in ``RECORD_FIELDS`` order.
 

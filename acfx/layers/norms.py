@@ -5,22 +5,19 @@ that also apply a drop and an activation; those two stay in the BN's slot, see N
 """
 from __future__ import annotations
 
-from typing import Dict, Optional
+from typing import Dict, Optional, Tuple
 
 import torch
 import torch.nn as nn
+from timm.layers import BatchNormAct2d as _BatchNormAct2d
+from timm.layers.norm_act import SyncBatchNormAct as _SyncBatchNormAct
 
 from .convs import extra_state, instance_override
 
-try:  # timm is optional at import time
-    from timm.layers import BatchNormAct2d as _BatchNormAct2d
-    from timm.layers.norm_act import SyncBatchNormAct as _SyncBatchNormAct
-    _NORM_ACT = (_BatchNormAct2d, _SyncBatchNormAct)
-except ImportError:  # pragma: no cover - timm is a dependency, but acfx works on plain torch too
-    _NORM_ACT = ()
+_NORM_ACT = (_BatchNormAct2d, _SyncBatchNormAct)
 
 __all__ = ["is_batch_norm", "unsupported_norm_reason", "foldable_norm", "branch_norm", "plain_norm",
-           "tail_children", "training_momentum"]
+           "tail_children", "training_momentum", "norm_affine", "check_finite", "fusion_dtype"]
 
 _PLAIN = (nn.BatchNorm2d, nn.SyncBatchNorm)
 
@@ -135,3 +132,32 @@ def training_momentum(norm: nn.modules.batchnorm._BatchNorm) -> float:
     with torch.no_grad():
         norm.num_batches_tracked.add_(1)
     return (1.0 / float(norm.num_batches_tracked)) if norm.momentum is None else norm.momentum
+
+
+def fusion_dtype(device: torch.device) -> torch.dtype:
+    """The dtype fusion computes in: float64, except on devices without it (Apple MPS: float32)."""
+    return torch.float32 if device.type == "mps" else torch.float64
+
+
+def check_finite(name: str, what: str, tensor: Optional[torch.Tensor]) -> None:
+    if tensor is not None and not bool(torch.isfinite(tensor).all()):
+        raise ValueError(f"acfx.collapse: {what} of '{name}' is not finite (NaN or inf). The model cannot be "
+                         "fused; check for diverged training or reload a good checkpoint before collapsing.")
+
+
+def norm_affine(norm: nn.Module, name: str) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel (scale, shift) of a BN in eval mode, in float64: γ/σ and β − μ·γ/σ."""
+    for what in ("running_mean", "running_var", "weight", "bias"):
+        check_finite(name, what, getattr(norm, what, None))
+    dtype = fusion_dtype(norm.running_var.device)
+    var = norm.running_var.to(dtype) + norm.eps
+    if bool((var <= 0).any()):
+        raise ValueError(f"acfx.collapse: running_var + eps of '{name}' is not positive; the BN statistics are "
+                         "broken, recompute them before collapsing.")
+    scale = torch.rsqrt(var)  # shape [C_out]
+    if norm.weight is not None:
+        scale = scale * norm.weight.to(dtype)
+    shift = -norm.running_mean.to(dtype) * scale
+    if norm.bias is not None:
+        shift = shift + norm.bias.to(dtype)
+    return scale, shift

@@ -1,12 +1,11 @@
 """Padding and cropping of the input an ACB's branches share."""
 from __future__ import annotations
 
-import math
 from typing import Optional, Tuple
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers.padding import pad_same
 
 from .geometry import Window
 
@@ -21,16 +20,9 @@ PAD_MODULES = {
 }
 
 
-def _same_pad(size: int, kernel: int, stride: int, dilation: int) -> Tuple[int, int]:
-    total = max((math.ceil(size / stride) - 1) * stride + (kernel - 1) * dilation + 1 - size, 0)
-    return total // 2, total - total // 2
-
-
 class DynamicSamePad2d(nn.Module):
-    """TensorFlow 'SAME' zero padding computed from the input size, as timm's Conv2dSame does it.
-
-    The extra pixel of an odd total goes right/bottom.
-    """
+    """TensorFlow 'SAME' zero padding computed from the input size: timm's own ``pad_same``, which its
+    Conv2dSame runs before its conv (the extra pixel of an odd total goes right/bottom)."""
 
     def __init__(self, kernel_size: Tuple[int, int], stride: Tuple[int, int],
                  dilation: Tuple[int, int]) -> None:
@@ -40,11 +32,7 @@ class DynamicSamePad2d(nn.Module):
         self.dilation = tuple(dilation)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        top, bottom = _same_pad(x.shape[-2], self.kernel_size[0], self.stride[0], self.dilation[0])
-        left, right = _same_pad(x.shape[-1], self.kernel_size[1], self.stride[1], self.dilation[1])
-        if top or bottom or left or right:
-            x = F.pad(x, (left, right, top, bottom))
-        return x
+        return pad_same(x, self.kernel_size, self.stride, self.dilation)
 
     def extra_repr(self) -> str:
         return f"kernel_size={self.kernel_size}, stride={self.stride}, dilation={self.dilation}"

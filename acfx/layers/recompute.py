@@ -2,8 +2,8 @@
 
 Autograd's conv→BN keeps the conv's output (the BN's input) for backward, so each ACB branch holds one
 C_out×H×W tensor: three per block where the original conv→BN held one, which is most of the ACB's extra
-training memory (shared/GPU-BENCH.md: 1.62× base peak memory on resnet34). Here each branch's conv→BN is
-one autograd Function that keeps only what it was given (the block's input, shared by the three branches
+training memory (a three-branch ACB resnet34 peaked at 1.62× the base model's memory on an H100). Here
+each branch's conv→BN is one autograd Function that keeps only what it was given (the block's input, shared by the three branches
 and usually kept by the previous layer anyway, and the weights) and the per-channel batch statistics, and
 recomputes the conv output in backward, normalising it with those statistics. The mathematics are
 those of the branch forward: batch statistics in training, running statistics updated once per forward,
@@ -24,9 +24,8 @@ import torch.nn.functional as F
 
 from .convs import kernel_of
 from .geometry import conv_window
-from .layout import BRANCHES
 from .norms import training_momentum
-from .padding import crop
+from .padding import crop_sides
 from .split_conv import EvenSplitConv2d
 
 __all__ = ["recompute_unsupported", "recompute_forward"]
@@ -118,10 +117,10 @@ def recompute_unsupported(block: nn.Module) -> Optional[str]:
     """Why ``block`` must run the plain branch forward (None: the recompute forward computes the same thing)."""
     if not hasattr(torch.amp, "is_autocast_available"):
         return "needs torch >= 2.4 (per-device autocast state, to recompute under the forward's autocast)"
-    for name in BRANCHES:
-        conv, norm = getattr(block, name), getattr(block, name + "_bn")
-        if conv is None:
-            continue
+    pairs = block.conv_norm_pairs()
+    if pairs is None:
+        return "a branch is not one conv and its BN"
+    for _, conv, norm in pairs:
         if norm is None:
             return "needs a BN on every branch (norm='branch')"
         if type(norm) is not nn.BatchNorm2d:  # SyncBatchNorm must synchronise: left to its own forward
@@ -157,9 +156,8 @@ def recompute_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The block's training output, each branch's conv→BN recomputed in backward (see the module docstring)."""
     if block.pad is not None:
         x = block.pad(x)
-    out = _branch(block.square, block.square_bn, x)
-    for name, window in (("hor", block.hor_crop), ("ver", block.ver_crop)):
-        conv = getattr(block, name)
-        if conv is not None:
-            out = out + _branch(conv, getattr(block, name + "_bn"), crop(x, window))
+    out = None
+    for sides, conv, norm in block.conv_norm_pairs():
+        y = _branch(conv, norm, crop_sides(x, sides))
+        out = y if out is None else out + y
     return out

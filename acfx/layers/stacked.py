@@ -8,7 +8,7 @@ statistics in training, same running-statistics updates, same gradients. One red
 branches.
 
 The trade: 3× the k×k conv's FLOPs instead of 1.67×, for one conv launch instead of three (GPUs run thin
-1×k / k×1 convs at well below their FLOP rate, shared/GPU-BENCH.md), one BN instead of three and no
+1×k / k×1 convs at well below their FLOP rate: about half the 3×3's on an H100), one BN instead of three and no
 intermediate sums. Which is faster depends on the hardware and the shapes: measure it with
 benchmarks/train.py (``exact-stacked``) before choosing. The branch implementation stays the default and
 the reference this one is tested against.
@@ -22,7 +22,6 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from .convs import kernel_of
-from .layout import BRANCHES
 from .norms import training_momentum
 
 __all__ = ["stacked_unsupported", "stacked_forward"]
@@ -31,11 +30,12 @@ __all__ = ["stacked_unsupported", "stacked_forward"]
 
 def stacked_unsupported(block: nn.Module) -> Optional[str]:
     """Why ``block`` must run branch by branch (None: the stacked forward computes the same thing)."""
-    if getattr(block, "offsets", None) is None:
-        return "built without branch offsets"
-    if type(block.square) is not nn.Conv2d:
-        return f"k×k branch is {type(block.square).__name__}, not nn.Conv2d"
-    norms = [getattr(block, name + "_bn") for name in BRANCHES if getattr(block, name) is not None]
+    pairs = block.conv_norm_pairs()
+    if pairs is None:
+        return "a branch is not one conv and its BN"
+    if type(pairs[0][1]) is not nn.Conv2d:
+        return f"k×k branch is {type(pairs[0][1]).__name__}, not nn.Conv2d"
+    norms = [norm for _, _, norm in pairs]
     if len(norms) < 2 or any(n is None for n in norms):
         return "needs a BN on every branch (norm='branch') and at least one asymmetric branch"
     first = norms[0]
@@ -70,20 +70,17 @@ def stacked_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """The block's output from one conv, one BN and one sum (see the module docstring)."""
     if block.pad is not None:
         x = block.pad(x)
-    square = block.square
+    pairs = block.conv_norm_pairs()
+    square = pairs[0][1]
     size = tuple(square.kernel_size)
-    names = [name for name in BRANCHES if getattr(block, name) is not None]
     kernels, biases = [], []
-    for name in names:
-        conv = getattr(block, name)
+    for (_, conv, _), (top, left) in zip(pairs, block.offsets.values()):
         kernel = kernel_of(conv)
-        if name != "square":
-            (top, left), (h, w) = block.offsets[name], kernel.shape[-2:]
-            kernel = F.pad(kernel, (left, size[1] - w - left, top, size[0] - h - top))
+        h, w = kernel.shape[-2:]
+        kernel = F.pad(kernel, (left, size[1] - w - left, top, size[0] - h - top))
         kernels.append(kernel)
-        bias = conv.bias if isinstance(conv.bias, torch.Tensor) else None
-        biases.append(bias)
-    groups, count = square.groups, len(names)
+        biases.append(conv.bias if isinstance(conv.bias, torch.Tensor) else None)
+    groups, count = square.groups, len(pairs)
     bias = None
     if any(b is not None for b in biases):
         bias = _by_group([b if b is not None else torch.zeros_like(square.weight[:, 0, 0, 0]) for b in biases],
@@ -93,8 +90,7 @@ def stacked_forward(block: nn.Module, x: torch.Tensor) -> torch.Tensor:
     y = square._conv_forward(x, _by_group(kernels, groups), None)
     if bias is not None:
         y = y + bias.view(1, -1, 1, 1)
-    norms = [getattr(block, name + "_bn") for name in names]
-    y = _batch_norm(y, norms, groups)
+    y = _batch_norm(y, [norm for _, _, norm in pairs], groups)
     n, _, h, w = y.shape
     return y.view(n, groups, count, -1, h, w).sum(2).reshape(n, -1, h, w)
 

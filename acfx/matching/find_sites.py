@@ -7,7 +7,7 @@ pattern with an ``extra_check``.
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional, Tuple
 
 import torch
 import torch.fx as fx
@@ -15,9 +15,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from ..layers.norms import is_batch_norm
-from .tracing import TracedPart, UntracedPart, module_calls
+from .traced_model import TracedModel
+from .tracing import TracedPart
 
-__all__ = ["ConvCall", "find_conv_calls"]
+__all__ = ["Consumer", "ConvCall", "find_conv_calls"]
 
 # Convolutions called as functions: reported, never rewritten (acfx swaps modules).
 _FUNCTIONAL_CONVS = {f: f"F.{name}" for name, f in (
@@ -27,35 +28,51 @@ _FUNCTIONAL_NORMS = (F.batch_norm, torch.batch_norm)
 _CONV_MODULES = (nn.modules.conv._ConvNd,)
 
 
-@dataclasses.dataclass
-class ConvCall:
-    """One convolution call in a traced part and the node that consumes its output."""
+@dataclasses.dataclass(frozen=True)
+class Consumer:
+    """What takes the output of one conv call."""
 
-    # Qualified name of the conv module in the model; for a functional conv, "<module>:<node name>".
-    name: str
-    # The conv module; None for a functional call.
-    conv: Optional[nn.Module]
-    # Times the conv module is called in the part, and its other names in the model (shared modules).
-    calls: int = 1
-    aliases: Tuple[str, ...] = ()
-    # What takes the conv's output when it is not one BatchNorm-like module call: "returned by the traced
-    # module", "add", "2 nodes", ...; None when a BN-like module is the sole consumer.
-    consumer: Optional[str] = None
-    # The BN-like module that is the sole consumer of the conv's output (supported or not).
+    # Why it is not one BatchNorm-like module call ("returned by the traced module", "add", "2 nodes", ...);
+    # None when a BN-like module is the sole consumer.
+    reason: Optional[str] = None
+    # The BN-like module that is the sole consumer (supported or not), with its calls and other names.
     norm_name: Optional[str] = None
     norm: Optional[nn.Module] = None
     norm_calls: int = 0
     norm_aliases: Tuple[str, ...] = ()
     # Tensor inputs of the BN call (1 for a plain call).
     norm_inputs: int = 1
-    # Why the conv / the BN is used other than by one call module(x) seen in the graph (keyword arguments,
-    # its weights read directly, code that did not trace reaching it); None when it is not.
-    conv_use: Optional[str] = None
+    # Why the BN is used other than by one call module(x) seen in the graph; None when it is not.
     norm_use: Optional[str] = None
     # The conv's output goes to a functional batch_norm (reported, never rewritten).
     functional_norm: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class ConvCall:
+    """One convolution call in a traced part and what consumes its output: complete when built."""
+
+    # Qualified name of the conv module in the model; for a functional conv, "<module>:<node name>".
+    name: str
+    # The conv module; None for a functional call.
+    conv: Optional[nn.Module]
+    consumer: Consumer
+    # Times the conv module is called in the part, and its other names in the model (shared modules).
+    calls: int = 1
+    aliases: Tuple[str, ...] = ()
+    # Why the conv is used other than by one call module(x) seen in the graph (keyword arguments, its weights
+    # read directly, code that did not trace reaching it); None when it is not.
+    conv_use: Optional[str] = None
     # For a functional conv: the function called ("F.conv2d").
     function: str = ""
+
+    @property
+    def norm_name(self) -> Optional[str]:
+        return self.consumer.norm_name
+
+    @property
+    def norm(self) -> Optional[nn.Module]:
+        return self.consumer.norm
 
     @property
     def kernel_size(self) -> Tuple[int, ...]:
@@ -70,7 +87,7 @@ class ConvCall:
             conv = f"{type(self.conv).__name__} {'x'.join(map(str, self.kernel_size))}"
         if self.norm is not None:
             return f"{conv} → {type(self.norm).__name__}"
-        return f"{conv} → {'F.batch_norm' if self.functional_norm else 'no BN'}"
+        return f"{conv} → {'F.batch_norm' if self.consumer.functional_norm else 'no BN'}"
 
 
 def _op_name(node: fx.Node, modules: Dict[str, nn.Module]) -> str:
@@ -81,42 +98,32 @@ def _op_name(node: fx.Node, modules: Dict[str, nn.Module]) -> str:
     return getattr(node.target, "__name__", str(node.target))
 
 
-def _other_use(part: TracedPart, target: str, untraced: List[UntracedPart], tied: Dict[str, List[str]]
-               ) -> Optional[str]:
+def _other_use(part: TracedPart, target: str, model: TracedModel) -> Optional[str]:
     """Why the module ``target`` of ``part`` may be used other than by its calls in the graph."""
     name = part.qualify(target)
-    if name in tied:
-        return (f"a parameter or buffer of it is tied to {tied[name][:3]}: rewriting one holder would break the tie "
-                "(untie them, or exclude this site)")
-    return part.use_reason(target, untraced)
+    if name in model.tied:
+        return (f"a parameter or buffer of it is tied to {list(model.tied[name][:3])}: rewriting one holder would "
+                "break the tie (untie them, or exclude this site)")
+    return part.use_reason(target, model.owners)
 
 
-def _consumer(call: ConvCall, node: fx.Node, part: TracedPart, modules: Dict[str, nn.Module], calls: Dict[str, int],
-              shared: Dict[str, list], untraced: List[UntracedPart], tied: Dict[str, List[str]]) -> None:
-    """Fill in what takes the output of the conv ``node``."""
+def _consumer(node: fx.Node, part: TracedPart, modules: Dict[str, nn.Module], model: TracedModel) -> Consumer:
+    """What takes the output of the conv ``node``."""
     users = [u for u in node.users if u in part.live]
     if not users:
-        call.consumer = "its output is not used inside the traced part"
-        return
+        return Consumer("its output is not used inside the traced part")
     if len(users) > 1:
-        call.consumer = f"its output is used by {len(users)} nodes, not only by a BatchNorm"
-        return
+        return Consumer(f"its output is used by {len(users)} nodes, not only by a BatchNorm")
     user = users[0]
     if user.op == "call_function" and user.target in _FUNCTIONAL_NORMS:
-        call.functional_norm = True
-        call.consumer = "its output goes to a functional batch_norm (acfx rewrites modules only)"
-        return
+        return Consumer("its output goes to a functional batch_norm (acfx rewrites modules only)", functional_norm=True)
     if user.op == "output":
-        call.consumer = "its output is returned by the traced module, no BatchNorm follows in it"
-        return
+        return Consumer("its output is returned by the traced module, no BatchNorm follows in it")
     if user.op != "call_module" or not is_batch_norm(modules[user.target]):
-        call.consumer = f"no BatchNorm follows (output goes to {_op_name(user, modules)})"
-        return
-    call.norm_name, call.norm = part.qualify(user.target), modules[user.target]
-    call.norm_calls = calls[user.target]
-    call.norm_aliases = tuple(shared.get(call.norm_name, ()))
-    call.norm_inputs = len(user.all_input_nodes)
-    call.norm_use = _other_use(part, user.target, untraced, tied)
+        return Consumer(f"no BatchNorm follows (output goes to {_op_name(user, modules)})")
+    name = part.qualify(user.target)
+    return Consumer(None, name, modules[user.target], model.calls.get(name, 0), model.shared.get(name, ()),
+                    len(user.all_input_nodes), _other_use(part, user.target, model))
 
 
 def _enclosing(node: fx.Node, part: TracedPart) -> str:
@@ -124,27 +131,18 @@ def _enclosing(node: fx.Node, part: TracedPart) -> str:
     return part.qualify(stack[-1][0]) if stack else (part.name or "<model>")
 
 
-def find_conv_calls(part: TracedPart, shared: Dict[str, list], untraced: Sequence[UntracedPart] = (),
-                    tied: Optional[Dict[str, List[str]]] = None) -> List[ConvCall]:
-    """Every convolution call in ``part`` (modules of any conv kind, and functional convs), in graph order.
-
-    ``shared``: qualified name -> all names, for modules registered under several names. ``untraced``: the
-    modules that did not trace (their code may reach into the part). ``tied``: modules holding a tensor
-    another module holds too (tracing.tied_tensor_names).
-    """
-    untraced, tied = list(untraced), tied or {}
+def find_conv_calls(part: TracedPart, model: TracedModel) -> List[ConvCall]:
+    """Every convolution call in ``part`` of ``model`` (modules of any conv kind, and functional convs), in
+    graph order, each with what takes its output."""
     modules = dict(part.module.named_modules())
-    calls = module_calls(part.graph)
     found = []
     for node in part.graph.nodes:
         if node.op == "call_module" and isinstance(modules[node.target], _CONV_MODULES):
             name = part.qualify(node.target)
-            call = ConvCall(name, modules[node.target], calls[node.target], tuple(shared.get(name, ())),
-                            conv_use=_other_use(part, node.target, untraced, tied))
+            found.append(ConvCall(name, modules[node.target], _consumer(node, part, modules, model),
+                                  model.calls.get(name, 0), model.shared.get(name, ()),
+                                  _other_use(part, node.target, model)))
         elif node.op == "call_function" and node.target in _FUNCTIONAL_CONVS and node in part.live:
-            call = ConvCall(f"{_enclosing(node, part)}:{node.name}", None, function=_FUNCTIONAL_CONVS[node.target])
-        else:
-            continue
-        _consumer(call, node, part, modules, calls, shared, untraced, tied)
-        found.append(call)
+            found.append(ConvCall(f"{_enclosing(node, part)}:{node.name}", None, _consumer(node, part, modules, model),
+                                  function=_FUNCTIONAL_CONVS[node.target]))
     return found

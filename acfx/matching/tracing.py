@@ -23,6 +23,7 @@ from typing import Dict, Iterable, List, Optional, Sequence, Set, Tuple, Type
 import torch
 import torch.fx as fx
 import torch.nn as nn
+from timm.layers import get_notrace_functions, get_notrace_modules
 
 from ..layers.hooks import hooks_of
 from ..layers.module_copies import copy_modes
@@ -37,10 +38,6 @@ CallForm = Tuple[int, Tuple[str, ...]]
 
 
 def _timm_leaves() -> Tuple[Tuple[type, ...], Tuple]:
-    try:
-        from timm.layers import get_notrace_functions, get_notrace_modules
-    except ImportError:  # pragma: no cover
-        return (), ()
     functions = tuple(f for f in get_notrace_functions() if callable(f))
     return tuple(get_notrace_modules()), functions
 

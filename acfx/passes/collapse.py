@@ -4,7 +4,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import warnings
-from typing import Dict, List, Literal, Sequence, Set, Tuple, Type, Union, overload
+from typing import Dict, List, Literal, Sequence, Tuple, Type, Union, overload
 
 import torch.nn as nn
 
@@ -14,15 +14,15 @@ from ..layers.hooks import warn_hook_skips
 from ..layers.online import OnlineACConv
 from ..layers.padding import DynamicSamePad2d
 from ..layers.split_conv import EvenSplitConv2d
-from ..matching.tracing import AcfxTracer, trace_parts
-from ..matching.untraced_reach import hook_owners
+from ..matching.traced_model import trace_model
+from ..matching.tracing import AcfxTracer
 from .arguments import check_flags, check_model, refuse_wrapped, working_copy
 from .collapse_matches import collapse_matches
 from .fold_bn import fold_norms
 from .fuse_own import fuse_own
 from .options import check_leaf_modules
 from .reparam_guard import remove_guards
-from .report import Report
+from .report import Action, Entry, Report
 from .swap_modules import ModuleSwaps
 
 __all__ = ["collapse", "collapse_tracer"]
@@ -99,36 +99,38 @@ def collapse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False,
     refuse_wrapped(model, "collapse")
     _refuse_meta(model)
     target = working_copy(model, inplace, "collapse")
-    state = _State(Report("collapse"))
     swaps = ModuleSwaps(target)
     try:
-        result = _collapse_blocks(swaps, leaves, state)
-        if fold_bn:
-            result = fold_norms(swaps, collapse_tracer(leaves), state.report, state.hooked, state.in_train_mode)
+        blocks = _collapse_blocks(target, leaves)
+        result = swaps.apply(blocks.replacements)
+        folded = None
+        if fold_bn:  # what is folded is the eval path
+            folded = fold_norms(trace_model(result, collapse_tracer(leaves), training=False))
+            result = swaps.apply(folded.replacements)
     except BaseException:
         swaps.undo()
         raise
-    for module in state.fused:
+    for module in blocks.fused:
         restore_cfg(module)
     if not any(isinstance(m, (ACBlock, NormTail, OnlineACConv)) for m in result.modules()):
         remove_guards(result)
-    _warn_train_mode(state.in_train_mode)
-    warn_hook_skips("collapse", state.hooked)
-    logger.info("%s", state.report.summary())
-    return (result, state.report) if return_report else result
+    _warn_train_mode(blocks.in_train_mode + (folded.in_train_mode if folded else ()))
+    warn_hook_skips("collapse", blocks.hooked + (folded.hooked if folded else ()))
+    report = Report.from_entries("collapse", blocks.entries, folded.entries if folded else ())
+    logger.info("%s", report.summary())
+    return (result, report) if return_report else result
 
 
-@dataclasses.dataclass
-class _State:
-    """What one collapse records as it goes, for the report and for what it does once the swap is done."""
+@dataclasses.dataclass(frozen=True)
+class _Collapsed:
+    """What collapse fuses: the swaps, one entry per block, the blocks left because of hooks (one warning),
+    fused blocks in train mode (one warning), and the acfx modules fused (their cfg links point back)."""
 
-    report: Report
-    # Sites left as they are because of hooks (one warning).
-    hooked: List[str] = dataclasses.field(default_factory=list)
-    # Fused blocks in train mode, or holding or followed by a BN in train mode (one warning).
-    in_train_mode: List[str] = dataclasses.field(default_factory=list)
-    # acfx modules fused (their timm cfg links are pointed back once swapped).
-    fused: List[nn.Module] = dataclasses.field(default_factory=list)
+    replacements: Dict[str, nn.Module]
+    entries: Tuple[Entry, ...]
+    hooked: Tuple[str, ...]
+    in_train_mode: Tuple[str, ...]
+    fused: Tuple[nn.Module, ...]
 
 
 def _refuse_meta(model: nn.Module) -> None:
@@ -151,31 +153,35 @@ def _warn_train_mode(in_train_mode: Sequence[str]) -> None:
             "and deploy it in eval mode.", UserWarning, stacklevel=3)
 
 
-def _collapse_blocks(swaps: ModuleSwaps, leaves: Tuple[type, ...], state: _State) -> nn.Module:
-    """Fuse every block: hand-written ones from the graph, acfx's own from themselves; all or nothing."""
-    root = swaps.root
-    # The eval path: what is fused is what the blocks compute in eval mode.
-    parts, untraced = trace_parts(root, collapse_tracer(leaves), training=False)
-    for part in untraced:
-        state.report.add(part.name, "untraced", "module", f"{part.error}; traced its children instead")
+def _collapse_blocks(root: nn.Module, leaves: Tuple[type, ...]) -> _Collapsed:
+    """Every block: hand-written ones from the graph, acfx's own from themselves."""
+    traced = trace_model(root, collapse_tracer(leaves), training=False)  # what is fused is the eval function
+    entries: List[Entry] = [Entry(p.name, Action.UNTRACED, "module", f"{p.error}; traced its children instead")
+                            for p in traced.untraced]
     replacements: Dict[str, nn.Module] = {}
-    checked: Set[str] = set()
-    owners = untraced + hook_owners(root)  # code tracing does not see
-    for part in parts:
-        replacements.update(collapse_matches(part, owners, state.report, checked, state.hooked,
-                                             state.in_train_mode))
+    hooked: List[str] = []
+    in_train_mode: List[str] = []
+    checked = set()
+    for part in traced.parts:
+        matches = collapse_matches(part, traced)
+        replacements.update(matches.replacements)
+        entries += matches.entries
+        hooked += matches.hooked
+        in_train_mode += matches.in_train_mode
+        checked |= matches.checked
+    fused: List[nn.Module] = []
     for own in fuse_own(root):
         if own.skip:
-            state.hooked.append(own.name)
-            state.report.add(own.name, "skipped", own.what, own.skip)
+            hooked.append(own.name)
+            entries.append(Entry(own.name, Action.SKIPPED, own.what, own.skip))
             continue
         replacements.update(own.replacements)
-        state.fused.append(own.module)
+        fused.append(own.module)
         if own.in_train_mode:
-            state.in_train_mode.append(own.name)
+            in_train_mode.append(own.name)
         notes = [] if own.name in checked or isinstance(own.module, OnlineACConv) else \
             ["not in a traced part of the model: fused from its recorded layout"]
         if own.gained_bias:
             notes.append("the conv gained a bias (no BN slot after the block to hold the shift)")
-        state.report.add(own.name, "collapsed", own.what, "; ".join(notes), own.gained_bias)
-    return swaps.apply(replacements)
+        entries.append(Entry(own.name, Action.COLLAPSED, own.what, "; ".join(notes), own.gained_bias))
+    return _Collapsed(replacements, tuple(entries), tuple(hooked), tuple(in_train_mode), tuple(fused))

@@ -6,7 +6,8 @@ other sum is reported with the reason it stays.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Sequence, Set
+import dataclasses
+from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 
 import torch.nn as nn
 
@@ -15,11 +16,12 @@ from ..layers.fusion import Term
 from ..layers.hooks import carry_hooks, hook_reason, hooks_of
 from ..matching.find_branch_sums import BranchSum, find_branch_sums
 from ..matching.scope import Scope, ScopeIndex
-from ..matching.tracing import TracedPart, UntracedPart, module_calls
+from ..matching.traced_model import TracedModel
+from ..matching.tracing import TracedPart, module_calls
 from .fuse_hand_written import FusionPlan, fuse_plan
-from .report import Report
+from .report import Action, Entry
 
-__all__ = ["collapse_matches"]
+__all__ = ["MatchesOutcome", "collapse_matches"]
 
 
 def _describe(match: BranchSum, block: nn.Module) -> str:
@@ -64,11 +66,11 @@ def _check_own_layout(block: ACBlock, match: BranchSum, name: str) -> None:
                              "please report it")
 
 
-def _outside_use(match: BranchSum, scope: Scope, part: TracedPart, untraced: Sequence[UntracedPart],
+def _outside_use(match: BranchSum, scope: Scope, part: TracedPart, owners: Sequence,
                  calls: Dict[str, int]) -> Optional[str]:
     """Why the block, or a module inside it, is used other than by the block's calls module(x)."""
     block_calls = len(part.call_forms.get(scope.module, ())) if scope.module else 1
-    reason = part.use_reason(scope.module, untraced) if scope.module else None
+    reason = part.use_reason(scope.module, owners) if scope.module else None
     if reason:
         return f"the block is {reason}" if reason.startswith("called") else reason
     for node in sorted(match.nodes, key=lambda n: n.name):
@@ -77,7 +79,7 @@ def _outside_use(match: BranchSum, scope: Scope, part: TracedPart, untraced: Seq
         name = part.qualify(node.target)
         if calls[node.target] != block_calls:
             return f"{name} is also called outside the block; fusing it away would break that call"
-        reason = part.use_reason(node.target, untraced)
+        reason = part.use_reason(node.target, owners)
         if reason:
             return f"{name}: {reason}"
     return None
@@ -88,15 +90,31 @@ def _in_train_mode(match: BranchSum, block: nn.Module, modules: Dict[str, nn.Mod
     return block.training or any(modules[n.target].training for n in match.nodes if n.op == "call_module")
 
 
-def collapse_matches(part: TracedPart, untraced: Sequence[UntracedPart], report: Report, checked: Set[str],
-                     hooked: List[str], in_train_mode: List[str]) -> Dict[str, nn.Module]:
-    """Replacements for the fusable hand-written blocks of one traced part; every other match reported
-    (``hooked``: names left because of hooks; ``in_train_mode``: fused blocks in train mode), ACBlocks
-    checked (their names added to ``checked``)."""
+@dataclasses.dataclass(frozen=True)
+class MatchesOutcome:
+    """What collapse does with the branch sums of one traced part."""
+
+    # The fused convs for hand-written blocks that are whole modules, by qualified name.
+    replacements: Dict[str, nn.Module]
+    entries: Tuple[Entry, ...]
+    # Blocks left because of hooks (one warning), fused blocks in train mode (one warning).
+    hooked: Tuple[str, ...]
+    in_train_mode: Tuple[str, ...]
+    # ACBlocks whose recorded layout the graph confirmed.
+    checked: FrozenSet[str]
+
+
+def collapse_matches(part: TracedPart, traced: TracedModel) -> MatchesOutcome:
+    """Replacements for the fusable hand-written blocks of one traced part; every other match reported,
+    ACBlocks checked against the graph."""
     modules = dict(part.module.named_modules())
     index = ScopeIndex(part.live, modules)
     calls = module_calls(part.graph)
     out: Dict[str, nn.Module] = {}
+    entries: List[Entry] = []
+    hooked: List[str] = []
+    in_train_mode: List[str] = []
+    checked: Set[str] = set()
     for match in find_branch_sums(part.graph, modules, part.live):
         scope = index.locate(match)
         name = part.qualify(scope.module if scope.module is not None else scope.enclosing)
@@ -109,14 +127,14 @@ def collapse_matches(part: TracedPart, untraced: Sequence[UntracedPart], report:
             continue  # the same module called again: already fused
         hook = _inner_hooks(match, part, modules) or hook_reason(block, "the block", carries_pre=True,
                                                                  carries_forward=True)
-        reason = match.reason or scope.reason or hook or _outside_use(match, scope, part, untraced, calls)
+        reason = match.reason or scope.reason or hook or _outside_use(match, scope, part, traced.owners, calls)
         fused = None
         if not reason:
             fused, reason = fuse_plan(_plan(match, scope, part, block.training))
         if fused is None:
             if reason == hook:
                 hooked.append(name)
-            report.add(name, "skipped", _describe(match, block), reason)
+            entries.append(Entry(name, Action.SKIPPED, _describe(match, block), reason))
             continue
         carry_hooks(block, fused.conv, forward_pre=True, forward=True)  # same input, same output
         out[name] = fused.conv
@@ -125,5 +143,5 @@ def collapse_matches(part: TracedPart, untraced: Sequence[UntracedPart], report:
         notes = [f"{type(block).__name__} replaced by one {type(fused.conv).__name__}"]
         if fused.gained_bias:
             notes.append("the conv gained a bias (no BN slot after the block to hold the shift)")
-        report.add(name, "collapsed", _describe(match, block), "; ".join(notes), True)
-    return out
+        entries.append(Entry(name, Action.COLLAPSED, _describe(match, block), "; ".join(notes), True))
+    return MatchesOutcome(out, tuple(entries), tuple(hooked), tuple(in_train_mode), frozenset(checked))

@@ -1,8 +1,9 @@
 """acfx.expand: every eligible k×k conv (and the BN after it) becomes an Asymmetric Convolution Block."""
 from __future__ import annotations
 
+import dataclasses
 import logging
-from typing import Dict, List, Literal, Optional, Sequence, Tuple, Type, Union, overload
+from typing import Dict, List, Literal, Optional, Tuple, Union, overload
 
 import torch.nn as nn
 
@@ -11,14 +12,15 @@ from ..layers.cfg_links import point_cfg_at
 from ..layers.hooks import carry_output_hooks, warn_hook_skips
 from ..layers.online import OnlineACConv
 from ..matching.find_sites import ConvCall, find_conv_calls
-from ..matching.tracing import AcfxTracer, module_calls, shared_module_names, tied_tensor_names, trace_parts
-from ..matching.untraced_reach import hook_owners
+from ..matching.traced_model import TracedModel, trace_model
+from ..matching.tracing import AcfxTracer
 from .arguments import check_flags, check_model, refuse_wrapped, working_copy
 from .build_block import build_site
-from .options import ExpandOptions, FilterFn
+from .options import ExpandOptions
+from .other_mode import OtherMode
 from .policies import Verdict, expand_verdict
 from .reparam_guard import guard_foreign_reparam
-from .report import Report
+from .report import Action, Entry, Report
 from .swap_modules import ModuleSwaps
 
 __all__ = ["expand"]
@@ -36,26 +38,17 @@ def _refuse_expanded(model: nn.Module) -> None:
 
 
 @overload
-def expand(model: nn.Module, *, init: str = ..., inplace: bool = ..., branches: str = ...,
-           norm: Optional[str] = ..., placement: str = ..., gamma_init: Optional[float] = ...,
-           include_unnormed: bool = ..., filter_fn: Optional[FilterFn] = ...,
-           leaf_modules: Sequence[Type[nn.Module]] = ..., mode: str = ...,
-           return_report: Literal[False] = ...) -> nn.Module: ...
+def expand(model: nn.Module, options: Optional[ExpandOptions] = ..., *, inplace: bool = ...,
+           return_report: Literal[False] = ..., **overrides: object) -> nn.Module: ...
 
 
 @overload
-def expand(model: nn.Module, *, init: str = ..., inplace: bool = ..., branches: str = ...,
-           norm: Optional[str] = ..., placement: str = ..., gamma_init: Optional[float] = ...,
-           include_unnormed: bool = ..., filter_fn: Optional[FilterFn] = ...,
-           leaf_modules: Sequence[Type[nn.Module]] = ..., mode: str = ...,
-           return_report: Literal[True]) -> Tuple[nn.Module, Report]: ...
+def expand(model: nn.Module, options: Optional[ExpandOptions] = ..., *, inplace: bool = ...,
+           return_report: Literal[True], **overrides: object) -> Tuple[nn.Module, Report]: ...
 
 
-def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, branches: str = "both",
-           norm: Optional[str] = None, placement: str = "centre", gamma_init: Optional[float] = None,
-           include_unnormed: bool = False, filter_fn: Optional[FilterFn] = None,
-           leaf_modules: Sequence[Type[nn.Module]] = (), mode: str = "exact", return_report: bool = False
-           ) -> Union[nn.Module, Tuple[nn.Module, Report]]:
+def expand(model: nn.Module, options: Optional[ExpandOptions] = None, *, inplace: bool = False,
+           return_report: bool = False, **overrides: object) -> Union[nn.Module, Tuple[nn.Module, Report]]:
     """Replace every eligible k×k convolution (and the BatchNorm after it) by an ACB for training.
 
     The model is traced with torch.fx (timm's leaf modules and functions included; where the whole model
@@ -71,30 +64,35 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
     Args:
         model: any nn.Module (not one wrapped in DistributedDataParallel, FSDP, DataParallel or
             torch.compile: expand the module inside, then wrap it).
-        init: "scratch": the k×k branch keeps the conv and its BN, the new 1×k/k×1 convs are initialised
-            as nn.Conv2d initialises, their BNs at γ=1, β=0. "preserve": the new branch BNs start at
-            γ=β=0 (with norm="sum" the new kernels start at 0), so the expanded model computes exactly the
-            original function in train and eval mode; use it to fine-tune a pretrained model.
+        options: an :class:`~acfx.ExpandOptions` record; ``**overrides`` (its field names) override its fields,
+            or give the options without a record. They are:
+
+            * ``init``: "scratch": the k×k branch keeps the conv and its BN, the new 1×k/k×1 convs are
+              initialised as nn.Conv2d initialises, their BNs at γ=1, β=0. "preserve": the new branch BNs
+              start at γ=β=0 (with norm="sum" the new kernels start at 0), so the expanded model computes
+              exactly the original function in train and eval mode; use it to fine-tune a pretrained model.
+            * ``branches``: "both" (the paper's ACB), "hor" (1×k only) or "ver" (k×1 only).
+            * ``norm``: "branch" (default): one BN per branch (the paper's best); "sum": no branch BNs, the
+              original BN stays after the sum of the three convs.
+            * ``placement``: "centre" (the kernel skeleton, the paper's choice) or "border" (bottom row /
+              right column, the paper's ablation). Even kernel sides (2×2, 4×4) have no centre row: "centre"
+              splits the branch's output channels between the two middle rows (even channels upper/left,
+              odd lower/right) so that no half-pixel shift builds up with depth.
+            * ``gamma_init``: with init="scratch", the initial γ of all three branch BNs (the ACNet
+              reference suggests 1/3 when training does not improve). None leaves the k×k BN as it is and
+              the new BNs at 1.
+            * ``include_unnormed``: also expand eligible convs that no BN follows (e.g. DenseNet convs
+              feeding a concat): the k×k branch stays without BN, the 1×k/k×1 branches get BNs of their
+              own, and the collapsed conv gains a bias (reported as a change of structure).
+            * ``filter_fn``: ``filter_fn(conv_module, qualified_name) -> bool``; only convs it accepts are
+              expanded.
+            * ``leaf_modules``: extra module classes the tracer must not trace into.
+            * ``mode``: "exact" (default): the paper's ACB, three convs and their BNs per site. "online": a
+              different, cheaper recipe (OREPA, CVPR 2022): the branches get learnable per-channel scales
+              instead of BNs, their kernels are merged at every forward into one k×k conv
+              (:class:`~acfx.OnlineACConv`), and the original BN stays after it. ``init="preserve"`` starts
+              the asymmetric scales at 0; ``gamma_init`` sets the initial scales.
         inplace: rewrite ``model`` itself instead of a deep copy. On error the model is left as it was.
-        branches: "both" (the paper's ACB), "hor" (1×k only) or "ver" (k×1 only).
-        norm: "branch" (default): one BN per branch (the paper's best); "sum": no branch BNs, the original
-            BN stays after the sum of the three convs.
-        placement: "centre" (the kernel skeleton, the paper's choice) or "border" (bottom row / right
-            column, the paper's ablation). Even kernel sides (2×2, 4×4) have no centre row: "centre" splits
-            the branch's output channels between the two middle rows (even channels upper/left, odd
-            lower/right) so that no half-pixel shift builds up with depth.
-        gamma_init: with init="scratch", set the initial γ of all three branch BNs (the ACNet reference
-            suggests 1/3 when training does not improve). None leaves the k×k BN as it is and the new BNs at 1.
-        include_unnormed: also expand eligible convs that no BN follows (e.g. DenseNet convs feeding a
-            concat): the k×k branch stays without BN, the 1×k/k×1 branches get BNs of their own, and the
-            collapsed conv gains a bias (reported as a change of structure).
-        filter_fn: ``filter_fn(conv_module, qualified_name) -> bool``; only convs it accepts are expanded.
-        leaf_modules: extra module classes the tracer must not trace into.
-        mode: "exact" (default): the paper's ACB, three convs and their BNs per site. "online": a different,
-            cheaper recipe (OREPA, CVPR 2022): the branches get learnable per-channel scales instead of BNs,
-            their kernels are merged at every forward into one k×k conv (:class:`~acfx.OnlineACConv`), and the
-            original BN stays after it. ``init="preserve"`` starts the asymmetric scales at 0; ``gamma_init``
-            sets the initial scales.
         return_report: also return a :class:`~acfx.Report` of every conv found: expanded, or skipped and why.
 
     Expanding an already-expanded model raises ValueError (blocks would nest). A site skipped because of
@@ -110,99 +108,79 @@ def expand(model: nn.Module, *, init: str = "scratch", inplace: bool = False, br
         >>> deployable = acfx.collapse(acnet.eval())   # a plain resnet18 again
     """
     check_model(model, "expand")
-    check_flags("expand", inplace=inplace, include_unnormed=include_unnormed, return_report=return_report)
-    opts = ExpandOptions(init=init, branches=branches, norm=norm, mode=mode, placement=placement,
-                         gamma_init=gamma_init, include_unnormed=include_unnormed, filter_fn=filter_fn,
-                         leaf_modules=leaf_modules)
+    check_flags("expand", inplace=inplace, return_report=return_report)
+    opts = ExpandOptions.resolve(options, overrides)
     refuse_wrapped(model, "expand")
     _refuse_expanded(model)
     target = working_copy(model, inplace, "expand")
     tracer = lambda: AcfxTracer(leaf_types=(ACBlock, NormTail, OnlineACConv) + opts.leaf_modules)  # noqa: E731
-    parts, untraced = trace_parts(target, tracer)
-    shared, tied, hooks = shared_module_names(target), tied_tensor_names(target), hook_owners(target)
-    other = _OtherMode(target, tracer, shared, tied, opts.include_unnormed)
-    report = Report("expand")
-    for part in untraced:
-        report.add(part.name, "untraced", "module", f"{part.error}; traced its children instead")
-    replacements: Dict[str, nn.Module] = {}
-    hooked: List[str] = []
-    for part in parts:
-        for call in find_conv_calls(part, shared, untraced + hooks, tied):
-            replacements.update(_rewrite_site(call, opts, report, hooked, other))
+    traced = trace_model(target, tracer)
+    other = OtherMode.of(trace_model(target, tracer, training=not target.training), opts.include_unnormed)
+    plan = plan_expansion(traced, other, opts)
     swaps = ModuleSwaps(target)
     try:
-        result = swaps.apply(replacements)
-        guard_foreign_reparam(result, replacements)
-        point_cfg_at(result, replacements, {id(m): ".square" if isinstance(m, ACBlock) else ".conv"
-                                            for m in replacements.values() if isinstance(m, (ACBlock, OnlineACConv))})
+        result = swaps.apply(plan.replacements)
+        guard_foreign_reparam(result, plan.replacements)
+        point_cfg_at(result, plan.replacements, {id(m): ".square" if isinstance(m, ACBlock) else ".conv"
+                                                 for m in plan.replacements.values()
+                                                 if isinstance(m, (ACBlock, OnlineACConv))})
     except BaseException:
         swaps.undo()
         raise
-    warn_hook_skips("expand", hooked)
-    if not replacements:
+    warn_hook_skips("expand", plan.hooked)
+    if not plan.replacements:
         logger.info("acfx.expand: nothing expanded in %s", type(model).__name__)
+    report = Report.from_entries("expand", plan.entries)
     return (result, report) if return_report else result
 
 
-class _OtherMode:
-    """The sites as the forward of the other mode (eval when the model is in train mode, and vice versa)
-    shows them: fx records one path of a forward that branches on self.training, and a site must be a
-    site on both paths (or absent from the other one) to be rewritten."""
+@dataclasses.dataclass(frozen=True)
+class ExpansionPlan:
+    """What expand does to a traced model: the modules to swap in, one report entry per site, and the sites
+    left because of hooks (one warning)."""
 
-    def __init__(self, target: nn.Module, tracer, shared: Dict[str, list], tied: Dict[str, List[str]],
-                 include_unnormed: bool) -> None:
-        self.mode = "eval" if target.training else "train"
-        parts, untraced = trace_parts(target, tracer, training=not target.training)
-        owners = untraced + hook_owners(target)
-        self.parts = [part.name for part in parts]
-        self.untraced = {part.name: part.error for part in untraced}
-        self.sites = {}
-        # Each BN's calls in this mode, and the convs whose output it takes.
-        self.norm_calls: Dict[str, int] = {}
-        self.norm_feeders: Dict[str, set] = {}
-        for part in parts:
-            for called, count in module_calls(part.graph).items():
-                self.norm_calls[part.qualify(called)] = count
-            for call in find_conv_calls(part, shared, owners, tied):
-                verdict = expand_verdict(call, None, include_unnormed)
-                self.sites[call.name] = (verdict, call.norm_name if verdict.no_norm is None else None)
-                if call.norm_name:
-                    self.norm_feeders.setdefault(call.norm_name, set()).add(call.name)
-
-    def reason(self, call: ConvCall, norm_name: Optional[str]) -> Optional[str]:
-        """Why ``call``, rewritten in the model's own mode with the BN ``norm_name``, cannot be in the other."""
-        if call.name not in self.sites and not any(call.name.startswith(f"{part}.") or not part for part in self.parts):
-            owner = max((name for name in self.untraced if not name or call.name.startswith(f"{name}.")), key=len,
-                        default="")
-            return f"in {self.mode} mode '{owner or '<model>'}' does not trace ({self.untraced.get(owner, '')})"
-        difference = self._difference(call, norm_name)
-        return None if difference is None else f"in {self.mode} mode the forward takes another path here: {difference}"
-
-    def _difference(self, call: ConvCall, norm_name: Optional[str]) -> Optional[str]:
-        verdict, other_norm = self.sites.get(call.name, (None, norm_name))  # absent: not called in this mode
-        if verdict is not None and verdict.skip:
-            return verdict.skip
-        if norm_name and self.norm_calls.get(norm_name, 0) and self.norm_feeders.get(norm_name) != {call.name}:
-            return f"BatchNorm {norm_name} normalises another input there"
-        if other_norm != norm_name:
-            return f"the conv's output goes to {other_norm or 'no BatchNorm'}, not {norm_name or 'no BatchNorm'}"
-        return None
+    replacements: Dict[str, nn.Module]
+    entries: Tuple[Entry, ...]
+    hooked: Tuple[str, ...]
 
 
-def _rewrite_site(call: ConvCall, opts: ExpandOptions, report: Report, hooked: List[str], other: _OtherMode
-                  ) -> Dict[str, nn.Module]:
-    """The replacements for one conv call (none if it is skipped), recorded in ``report``."""
+def _untraced_entries(traced: TracedModel) -> List[Entry]:
+    return [Entry(part.name, Action.UNTRACED, "module", f"{part.error}; traced its children instead")
+            for part in traced.untraced]
+
+
+def plan_expansion(traced: TracedModel, other: OtherMode, opts: ExpandOptions) -> ExpansionPlan:
+    """Every site of ``traced`` decided and, where it is rewritten, built (nothing is swapped yet)."""
+    replacements: Dict[str, nn.Module] = {}
+    entries: List[Entry] = _untraced_entries(traced)
+    hooked: List[str] = []
+    for part in traced.parts:
+        for call in find_conv_calls(part, traced):
+            site = _site(call, opts, other)
+            replacements.update(site.replacements)
+            entries.append(site.entry)
+            if site.hooked:
+                hooked.append(call.name)
+    return ExpansionPlan(replacements, tuple(entries), tuple(hooked))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Site:
+    replacements: Dict[str, nn.Module]
+    entry: Entry
+    hooked: bool = False
+
+
+def _site(call: ConvCall, opts: ExpandOptions, other: OtherMode) -> _Site:
+    """The replacements for one conv call (none if it is skipped) and its report entry."""
     verdict = expand_verdict(call, opts.filter_fn, opts.include_unnormed)
     if not verdict.skip:
         mode_reason = other.reason(call, call.norm_name if verdict.no_norm is None else None)
         if mode_reason:
             verdict = Verdict(mode_reason)
-    if verdict.hooked:
-        hooked.append(call.name)
     if verdict.skip:
         logger.debug("acfx.expand: skipped %s: %s", call.name, verdict.skip)
-        report.add(call.name, "skipped", call.what, verdict.skip)
-        return {}
+        return _Site({}, Entry(call.name, Action.SKIPPED, call.what, verdict.skip), verdict.hooked)
     norm = call.norm if verdict.no_norm is None else None
     built = build_site(call.conv, norm, opts)
     detail, changes = "", False
@@ -215,6 +193,5 @@ def _rewrite_site(call: ConvCall, opts: ExpandOptions, report: Report, hooked: L
         # The tail returns what the BN returned.
         carry_output_hooks(norm, built.tail, f"{type(norm).__name__} '{call.norm_name}'")
         replacements[call.norm_name] = built.tail
-    report.add(call.name, "expanded", call.what.replace(" → no BN", "") if norm is None else call.what,
-               detail, changes)
-    return replacements
+    what = call.what.replace(" → no BN", "") if norm is None else call.what
+    return _Site(replacements, Entry(call.name, Action.EXPANDED, what, detail, changes))

@@ -1,51 +1,62 @@
-"""The options of :func:`acfx.expand`, validated once."""
+"""The options of :func:`acfx.expand`: one typed record, validated once.
+
+The record is what every place that offers the options derives from: the verb's ``**overrides``, the
+command line's flags, the timm plug-in's ``acb_*`` keywords and the README's table (tests/test_options.py
+checks the last against it). A choice is a ``Literal`` type; its values are read off the type.
+"""
 from __future__ import annotations
 
 import dataclasses
 import math
 import numbers
-from typing import List, Optional, Sequence, Tuple, Type
+import typing
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type
 
 import torch.nn as nn
 
 from .policies import FilterFn
 
-__all__ = ["ExpandOptions", "FilterFn", "check_leaf_modules"]
+__all__ = ["ExpandOptions", "FilterFn", "Init", "Branches", "Norm", "Mode", "Placement", "check_leaf_modules"]
 
-def _option(default, choices: Tuple = (), help: str = "", structural: bool = False, timm: bool = True):
+Init = Literal["scratch", "preserve"]
+Branches = Literal["both", "hor", "ver"]
+Norm = Literal["branch", "sum"]
+Mode = Literal["exact", "online"]
+Placement = Literal["centre", "border"]
+
+
+def _option(default, help: str = "", structural: bool = False, timm: bool = True):
     """A field of :class:`ExpandOptions` with what every place that offers it needs to know.
 
     ``structural``: the option changes which modules and tensors the expanded model has (a checkpoint must be
     converted with the value it was trained with; the command line offers it). ``timm``: offered as an
     ``acb_<name>`` keyword by the timm plug-in.
     """
-    return dataclasses.field(default=default, metadata=dict(choices=tuple(choices), help=help,
-                                                            structural=structural, timm=timm))
+    return dataclasses.field(default=default, metadata=dict(help=help, structural=structural, timm=timm))
 
 
 @dataclasses.dataclass(frozen=True)
 class ExpandOptions:
-    """How expand builds each ACB: the one record of expand's options. :func:`acfx.expand`'s signature,
-    the command line's flags, the timm plug-in's ``acb_*`` keywords and the README's table are derived from
-    (or tested against) its fields. See :func:`acfx.expand` for what each one means."""
+    """How expand builds each ACB. See :func:`acfx.expand` for what each option means.
 
-    init: str = _option("scratch", ("scratch", "preserve"),
-                        "new branches as nn.Conv2d initialises them, BN γ=1, β=0; "
-                        "or function-preserving (new BN γ=β=0)")
-    branches: str = _option("both", ("both", "hor", "ver"), "which asymmetric branches (the paper's Table 4)",
-                            structural=True)
-    norm: Optional[str] = _option(None, ("branch", "sum"), "exact mode: one BN per branch (the default), or the "
-                                  "original BN after the sum of the three convs", structural=True)
-    mode: str = _option("exact", ("exact", "online"), "the paper's ACB, or online re-parameterisation",
-                        structural=True)
-    placement: str = _option("centre", ("centre", "border"), "asymmetric kernels on the centre row/column (the "
-                             "skeleton), or on the bottom row / right column (the paper's ablation)", structural=True)
-    gamma_init: Optional[float] = _option(None, help="initial γ of all three branch BNs with init='scratch'")
-    include_unnormed: bool = _option(False, help="also expand k×k convs that no BN follows (the collapsed conv "
-                                     "gains a bias)", structural=True)
-    filter_fn: Optional[FilterFn] = _option(None, help="filter_fn(module, name) -> bool: expand only the convs it "
-                                            "accepts", timm=False)
-    leaf_modules: Sequence[Type[nn.Module]] = _option((), help="module classes fx must not trace into", timm=False)
+    ``acfx.expand(model, ExpandOptions(placement="border"), init="preserve")``: a record, and keywords that
+    override its fields. Every value is checked when the record is built.
+    """
+
+    init: Init = _option("scratch", "new branches as nn.Conv2d initialises them, BN γ=1, β=0; "
+                         "or function-preserving (new BN γ=β=0)")
+    branches: Branches = _option("both", "which asymmetric branches (the paper's Table 4)", structural=True)
+    norm: Optional[Norm] = _option(None, "exact mode: one BN per branch (the default), or the original BN after the "
+                                   "sum of the three convs", structural=True)
+    mode: Mode = _option("exact", "the paper's ACB, or online re-parameterisation", structural=True)
+    placement: Placement = _option("centre", "asymmetric kernels on the centre row/column (the skeleton), or on "
+                                   "the bottom row / right column (the paper's ablation)", structural=True)
+    gamma_init: Optional[float] = _option(None, "initial γ of all three branch BNs with init='scratch'")
+    include_unnormed: bool = _option(False, "also expand k×k convs that no BN follows (the collapsed conv gains a "
+                                     "bias)", structural=True)
+    filter_fn: Optional[FilterFn] = _option(None, "filter_fn(module, name) -> bool: expand only the convs it accepts",
+                                            timm=False)
+    leaf_modules: Sequence[Type[nn.Module]] = _option((), "module classes fx must not trace into", timm=False)
 
     @classmethod
     def fields(cls, structural: Optional[bool] = None, timm: Optional[bool] = None) -> List[dataclasses.Field]:
@@ -54,9 +65,31 @@ class ExpandOptions:
                 if (structural is None or f.metadata["structural"] == structural)
                 and (timm is None or f.metadata["timm"] == timm)]
 
-    def kwargs(self) -> dict:
-        """The options as :func:`acfx.expand` keyword arguments."""
-        return {f.name: getattr(self, f.name) for f in dataclasses.fields(self)}
+    @classmethod
+    def choices(cls, name: str) -> Tuple[Any, ...]:
+        """The values an option takes, read off its ``Literal`` type (empty for an option that is not a choice)."""
+        hint = typing.get_type_hints(cls)[name]
+        if typing.get_origin(hint) is typing.Union:  # Optional[Literal[...]]
+            hint = next(a for a in typing.get_args(hint) if a is not type(None))
+        return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+
+    @classmethod
+    def resolve(cls, options: Optional["ExpandOptions"], overrides: Mapping[str, object], verb: str = "expand"
+                ) -> "ExpandOptions":
+        """``options`` (or the defaults) with ``overrides`` applied, checked; a TypeError names an unknown key."""
+        if options is not None and not isinstance(options, cls):
+            raise TypeError(f"acfx.{verb}: options must be an acfx.ExpandOptions, got {type(options).__name__} (pass "
+                            "options as keywords: acfx.expand(model, init='preserve'))")
+        names = [f.name for f in dataclasses.fields(cls)]
+        unknown = [key for key in overrides if key not in names]
+        if unknown:
+            raise TypeError(f"acfx.{verb}: unknown option {unknown[0]!r}; the options are {names}")
+        base = options if options is not None else cls()
+        values: Dict[str, object] = {name: getattr(base, name) for name in names}
+        if "mode" in overrides and "norm" not in overrides and base.norm == "branch" and overrides["mode"] == "online":
+            values["norm"] = None  # the default the record filled in for exact mode, not a choice of the user's
+        values.update(overrides)
+        return cls(**values)
 
     def __post_init__(self) -> None:
         if self.mode == "online" and self.norm is not None:
@@ -65,29 +98,32 @@ class ExpandOptions:
         if self.norm is None and self.mode == "exact":
             object.__setattr__(self, "norm", "branch")
         for field in dataclasses.fields(self):
-            allowed = field.metadata["choices"]
-            if not allowed or (field.name == "norm" and self.mode == "online"):
-                continue
+            allowed = self.choices(field.name)
             value = getattr(self, field.name)
-            if value not in allowed:
+            if allowed and not (value is None and field.name == "norm") and value not in allowed:
                 raise ValueError(f"acfx.expand: {field.name}={value!r} is not one of {allowed}")
         if self.gamma_init is not None:
-            if isinstance(self.gamma_init, bool) or not isinstance(self.gamma_init, numbers.Real):
-                raise TypeError(f"acfx.expand: gamma_init must be a number (e.g. 1/3), got {self.gamma_init!r} "
-                                f"({type(self.gamma_init).__name__})")
-            if not math.isfinite(float(self.gamma_init)):
-                raise ValueError(f"acfx.expand: gamma_init must be finite, got {self.gamma_init!r}")
-            object.__setattr__(self, "gamma_init", float(self.gamma_init))
-            if self.init == "preserve":
-                raise ValueError("acfx.expand: gamma_init changes the BN scales, so the expanded model would not "
-                                 "compute the original function; use it with init='scratch' or drop it")
-            if self.norm == "sum" and self.mode == "exact":
-                raise ValueError("acfx.expand: gamma_init sets the branch BN scales, but norm='sum' has no branch "
-                                 "BNs; use norm='branch' or drop gamma_init")
+            self._check_gamma()
         if self.filter_fn is not None and not callable(self.filter_fn):
             raise TypeError(f"acfx.expand: filter_fn must be callable (module, name) -> bool, got "
                             f"{type(self.filter_fn).__name__}")
+        if not isinstance(self.include_unnormed, bool):
+            raise TypeError(f"acfx.expand: include_unnormed must be True or False, got {self.include_unnormed!r}")
         object.__setattr__(self, "leaf_modules", check_leaf_modules(self.leaf_modules))
+
+    def _check_gamma(self) -> None:
+        if isinstance(self.gamma_init, bool) or not isinstance(self.gamma_init, numbers.Real):
+            raise TypeError(f"acfx.expand: gamma_init must be a number (e.g. 1/3), got {self.gamma_init!r} "
+                            f"({type(self.gamma_init).__name__})")
+        if not math.isfinite(float(self.gamma_init)):
+            raise ValueError(f"acfx.expand: gamma_init must be finite, got {self.gamma_init!r}")
+        object.__setattr__(self, "gamma_init", float(self.gamma_init))
+        if self.init == "preserve":
+            raise ValueError("acfx.expand: gamma_init changes the BN scales, so the expanded model would not "
+                             "compute the original function; use it with init='scratch' or drop it")
+        if self.norm == "sum" and self.mode == "exact":
+            raise ValueError("acfx.expand: gamma_init sets the branch BN scales, but norm='sum' has no branch "
+                             "BNs; use norm='branch' or drop gamma_init")
 
 
 def check_leaf_modules(leaf_modules: object) -> tuple:

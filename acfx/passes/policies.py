@@ -54,16 +54,17 @@ def _conv_reason(call: ConvCall) -> Optional[str]:
 
 def _norm_reason(call: ConvCall) -> Optional[str]:
     """Why the conv's consumer is not a BN that can be rewritten with it (None: it is)."""
-    if call.norm is None:
-        return call.consumer
-    if call.norm_calls > 1:
-        return f"BatchNorm {call.norm_name} is called {call.norm_calls} times"
-    if call.norm_aliases:
-        return f"BatchNorm registered under several names {list(call.norm_aliases)}"
-    if call.norm_inputs != 1:
+    consumer = call.consumer
+    if consumer.norm is None:
+        return consumer.reason
+    if consumer.norm_calls > 1:
+        return f"BatchNorm {consumer.norm_name} is called {consumer.norm_calls} times"
+    if consumer.norm_aliases:
+        return f"BatchNorm registered under several names {list(consumer.norm_aliases)}"
+    if consumer.norm_inputs != 1:
         return "BatchNorm called with more than one tensor input"
-    if call.norm_use:
-        return f"BatchNorm {call.norm_name}: {call.norm_use}"
+    if consumer.norm_use:
+        return f"BatchNorm {consumer.norm_name}: {consumer.norm_use}"
     return None
 
 

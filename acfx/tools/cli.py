@@ -28,7 +28,8 @@ def _expand_options(parser: argparse.ArgumentParser, for_checkpoint: bool = True
             group.add_argument(flag, action="store_true", help=help_text)
         else:
             default = f" (default: {field.default})" if field.default is not None else ""
-            group.add_argument(flag, choices=field.metadata["choices"], default=field.default, help=help_text + default)
+            group.add_argument(flag, choices=ExpandOptions.choices(field.name), default=field.default,
+                               help=help_text + default)
 
 
 def _expand_kwargs(args: argparse.Namespace, recorded: Optional[dict] = None) -> dict:

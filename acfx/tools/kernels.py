@@ -13,7 +13,6 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
-from ..layers.block import ACBlock
 from ..passes.collapse import collapse
 
 __all__ = ["kernel_magnitude", "format_grid", "save_heatmap", "common_kernel_size"]
@@ -69,7 +68,3 @@ def save_heatmap(matrix: torch.Tensor, path: str, title: str) -> None:
     Path(path).parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path)
     plt.close(fig)
-
-
-def is_expanded(model: nn.Module) -> bool:
-    return any(isinstance(m, ACBlock) for m in model.modules())

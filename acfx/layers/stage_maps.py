@@ -1,0 +1,83 @@
+"""What each kind of module a branch runs does in the algebra of linear maps (linear_map.py), in eval mode.
+
+A branch is a sequence of modules on the block's input: convs, BatchNorms, per-channel scales, a pad with
+the BN's bias (DBB), average pooling, identities. Each becomes one step on the map the branch computes so
+far; a module that is not linear in eval, or not one acfx knows, gives the reason instead.
+"""
+from __future__ import annotations
+
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+
+from .convs import PLAIN, conv_kind, kernel_of
+from .geometry import Window, conv_window
+from .linear_map import ConvMap, Inexact, compose
+from .norms import foldable_norm, norm_affine
+from .split_conv import EvenSplitConv2d
+
+__all__ = ["conv_map", "apply_module", "branch_map"]
+
+
+def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None) -> Union[ConvMap, Inexact]:
+    """The map a conv acfx knows computes (nn.Conv2d's own computation with zero padding, EvenSplitConv2d)."""
+    if not isinstance(conv, EvenSplitConv2d) and conv_kind(conv) != PLAIN:
+        return Inexact(f"{type(conv).__name__} is not a conv whose computation acfx knows")
+    if isinstance(conv, EvenSplitConv2d):
+        (ph, pw) = conv.padding
+        window: Optional[Window] = Window(ph, ph, pw, pw)
+    else:
+        window = conv_window(conv)
+    if window is None:
+        return Inexact(f"padding={conv.padding!r} cannot be resolved")
+    if getattr(conv, "padding_mode", "zeros") != "zeros" and not window.positive().is_zero:
+        return Inexact(f"{type(conv).__name__} pads with padding_mode={conv.padding_mode!r}, which a sum of maps cannot "
+                       "share with the others (pad the block's input once instead)")
+    kernel = kernel_of(conv)
+    bias = conv.bias
+    if dtype is not None:
+        kernel, bias = kernel.to(dtype), None if bias is None else bias.to(dtype)
+    return ConvMap(kernel, bias, tuple(conv.stride), tuple(conv.dilation), conv.groups, window)
+
+
+def apply_module(current: Optional[ConvMap], module: nn.Module, name: str, like: torch.Tensor
+                 ) -> Union[ConvMap, Inexact, None]:
+    """The map after ``module`` runs on the output of ``current`` (None: on the branch's input itself).
+
+    ``like``: a tensor of the dtype and device to compute in; ``name``: the module's name, for messages.
+    """
+    if isinstance(module, nn.Identity):
+        return current
+    if isinstance(module, (nn.Conv2d, EvenSplitConv2d)):
+        step = conv_map(module, like.dtype)
+        if isinstance(step, Inexact):
+            return Inexact(f"{name}: {step.reason}")
+        return step if current is None else _named(compose(current, step), name)
+    if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if not foldable_norm(module):
+            return Inexact(f"{name}: {type(module).__name__} is not an affine map in eval (drop/act or no statistics)")
+        scale, shift = norm_affine(module, name)
+        base = current if current is not None else ConvMap.identity(module.num_features, like)
+        return base.then_affine(scale.to(like.dtype), shift.to(like.dtype))
+    affine = getattr(module, "eval_affine", None)  # acfx's own linear layers (scales, bias-padded norms)
+    if callable(affine):
+        step = affine(current, like)
+        return _named(step, name)
+    return Inexact(f"{name}: {type(module).__name__} is not a linear module acfx knows")
+
+
+def branch_map(modules, names, crop: Window, channels: int, like: torch.Tensor) -> Union[ConvMap, Inexact]:
+    """The map of a branch that crops the block's input by ``crop`` and runs ``modules`` on it in order."""
+    current: Optional[ConvMap] = None
+    for module, name in zip(modules, names):
+        current = apply_module(current, module, name, like)
+        if isinstance(current, Inexact):
+            return current
+    if current is None:
+        current = ConvMap.identity(channels, like)
+    return current.reading(Window() - crop)
+
+
+def _named(result: Union[ConvMap, Inexact], name: str) -> Union[ConvMap, Inexact]:
+    return Inexact(f"{name}: {result.reason}") if isinstance(result, Inexact) else result
