@@ -24,7 +24,7 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
 import acfx  # noqa: E402
-from acfx.tools.diagnostics import float64_check, relative_error, within_rounding  # noqa: E402
+from acfx.tools.diagnostics import float64_check, over_tolerance, relative_error, within_rounding  # noqa: E402
 from acfx.tools.zoo import build_model  # noqa: E402
 
 from environment import collect, stamp  # noqa: E402
@@ -65,7 +65,7 @@ def _collapse_error(model, name: str) -> Row:
         y_expanded, y_collapsed = model(x), acfx.collapse(model)(x)
     error = relative_error(y_collapsed, y_expanded)
     f64 = None
-    if error > 1e-5:
+    if over_tolerance(error, 1e-5):
         f64 = float64_check(model, lambda m: acfx.collapse(m, inplace=True), x, y_expanded, y_collapsed)
     return Row(name, error, 1e-5, f64)
 

@@ -16,7 +16,14 @@ import torch
 import torch.nn as nn
 
 from ..passes.reparam_guard import REPARAM_METHODS
-from .diagnostics import Float64Check, float64_check, randomize_norms, relative_error, within_rounding
+from .diagnostics import (
+    Float64Check,
+    float64_check,
+    over_tolerance,
+    randomize_norms,
+    relative_error,
+    within_rounding,
+)
 
 __all__ = ["rep_block_modules", "rep_families", "ReparamCheck", "check_reparameterize"]
 
@@ -100,7 +107,7 @@ def check_reparameterize(base: str, x: torch.Tensor, tolerance: float = 1e-5) ->
             plain.load_state_dict(deployed.state_dict(), strict=True)
         except RuntimeError as error:
             result.strict_reload = " ".join(str(error).split())[:300]
-        if result.error > tolerance:
+        if over_tolerance(result.error, tolerance):
             result.float64 = float64_check(model, reparameterize_model, x, y, y_deployed)
     except Exception as error:  # reported, so that a sweep goes on
         result.failure = f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

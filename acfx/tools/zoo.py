@@ -64,14 +64,18 @@ def build_model(name: str, **kwargs) -> nn.Module:
     models, ``weights_backbone=None`` (their backbone then has plain BatchNorm2d, not FrozenBatchNorm2d).
     """
     source, bare = model_source(name)
-    if source == "timm":
-        import timm
-        return timm.create_model(bare, pretrained=False, **kwargs)
-    builder = _torchvision_builder(bare)
-    defaults = dict(_TV_KWARGS.get(bare, {}), weights=None)
-    if "weights_backbone" in inspect.signature(builder).parameters:
-        defaults["weights_backbone"] = None
-    return builder(**{**defaults, **kwargs})
+    try:
+        if source == "timm":
+            import timm
+            return timm.create_model(bare, pretrained=False, **kwargs)
+        builder = _torchvision_builder(bare)
+        defaults = dict(_TV_KWARGS.get(bare, {}), weights=None)
+        if "weights_backbone" in inspect.signature(builder).parameters:
+            defaults["weights_backbone"] = None
+        return builder(**{**defaults, **kwargs})
+    except TypeError as error:  # a builder's answer to arguments it does not take: the caller's input
+        given = ", ".join(f"{k}={v!r}" for k, v in kwargs.items()) or "no arguments"
+        raise ValueError(f"building {name!r} with {given} failed: {error}") from error
 
 
 def _input_channels(model: nn.Module, cfg: Optional[dict]) -> Optional[int]:
