@@ -84,6 +84,7 @@ def test_no_import_cycle_function_local_imports_included():
 
 def test_each_question_has_one_file_named_for_it():
     """Where are sites found, how is a block built, how is it fused, how is the model rewritten."""
-    for path in ("matching/find_sites.py", "matching/find_branch_sums.py", "passes/build_block.py",
-                 "layers/fusion.py", "passes/fuse_hand_written.py", "passes/swap_modules.py"):
+    for path in ("matching/find_sites.py", "matching/find_linear_regions.py", "passes/build_block.py",
+                 "layers/fusion.py", "layers/linear_map.py", "passes/region_map.py", "passes/fuse_regions.py",
+                 "passes/swap_modules.py", "matching/traced_model.py"):
         assert (PACKAGE / path).exists(), path

@@ -3,6 +3,7 @@ import dataclasses
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 
@@ -115,6 +116,27 @@ def test_collapse_of_a_wrong_fusion_writes_nothing(tmp_path, capsys, monkeypatch
     assert not out.exists()
 
 
+def test_collapse_of_a_model_whose_float32_output_overflows_is_judged_in_float64(tmp_path, capsys):
+    """A trained model whose float32 output overflows (inf, so the float32 error is NaN) says nothing
+    about the conversion: it is repeated in float64 and written when exact there (failed before: NaN
+    compared as within the tolerance's complement, so nothing was written)."""
+    expanded = acfx.expand(timm.create_model("resnet18", num_classes=3))
+    with torch.no_grad():
+        for name, module in expanded.named_modules():
+            if isinstance(module, torch.nn.BatchNorm2d):
+                module.weight.fill_(1e3 if name.startswith("layer") else 1.0)
+    acb = tmp_path / "acb.pth"
+    torch.save(expanded.state_dict(), acb)
+    with torch.no_grad():
+        y = expanded.eval()(torch.randn(2, 3, 32, 32))
+    assert not torch.isfinite(y).all(), "the test needs a float32 overflow"
+    out = tmp_path / "out.pth"
+    assert main(["collapse", str(acb), "--model", "resnet18", "-o", str(out)]) == 0
+    printed = capsys.readouterr().out
+    assert "= nan" in printed and "repeated in float64" in printed, printed
+    assert out.exists()
+
+
 def test_check_builds_torchvision_segmentation_without_downloads_and_refuses_detection(capsys):
     assert main(["check", "tv:lraspp_mobilenet_v3_large", "--img-size", "64"]) == 0
     out = capsys.readouterr().out
@@ -122,3 +144,19 @@ def test_check_builds_torchvision_segmentation_without_downloads_and_refuses_det
     assert main(["check", "tv:fasterrcnn_resnet50_fpn"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "is a detection model" in err, err
+
+
+def test_a_builder_refusing_an_argument_is_the_users_error_and_a_bug_is_a_traceback(tmp_path, capsys, monkeypatch):
+    _, plain = _save_plain(tmp_path)
+    out = tmp_path / "out.pth"
+    assert main(["expand", str(plain), "--model", "resnet18", "--model-kwargs", "no_such_arg=1", "-o", str(out)]) == 2
+    err = capsys.readouterr().err
+    assert "building 'resnet18' with no_such_arg=1 failed" in err and "no_such_arg" in err, err
+    import acfx.tools.convert as convert
+
+    def broken(*args, **kwargs):
+        raise TypeError("a bug inside acfx")
+    monkeypatch.setattr(convert, "expand", broken)
+    with pytest.raises(TypeError, match="a bug inside acfx"):  # not turned into "error:" and exit code 2
+        main(["expand", str(plain), "--model", "resnet18", "-o", str(out)])
+    assert not out.exists()

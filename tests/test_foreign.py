@@ -155,9 +155,8 @@ class WithIdentity(nn.Module):
 
 
 def test_blocks_that_cannot_be_swapped_are_left_alone_and_reported():
-    cases = [(InlineSum(), "summed inline in '<model>'.forward"),
-             (Misaligned(), "branches differ in dilation"),
-             (WithIdentity(), "also adds terms that are not conv branches")]
+    cases = [(InlineSum(), "summed inline in the model's own forward"),
+             (Misaligned(), "differ in dilation")]
     for model, reason in cases:
         model = randomize_bn(model).eval()
         collapsed, report = acfx.collapse(model, return_report=True)
@@ -167,6 +166,15 @@ def test_blocks_that_cannot_be_swapped_are_left_alone_and_reported():
         x = torch.randn(1, 3, 8, 8)
         with torch.no_grad():
             assert torch.equal(collapsed(x), model(x))
+
+
+def test_a_block_with_an_identity_branch_becomes_one_conv():
+    model = randomize_bn(WithIdentity()).eval()
+    collapsed, report = acfx.collapse(model, return_report=True)
+    assert type(collapsed) is nn.Conv2d and report.of("collapsed"), report
+    x = torch.randn(1, 3, 8, 8)
+    with torch.no_grad():
+        assert_rel_close(collapsed(x), model(x))
 
 
 def test_plain_model_collapses_to_itself():

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 
 from acfx.layers.geometry import Window
 from acfx.layers.linear_map import ConvMap, Inexact, add, align, compose
-from acfx.matching.find_branch_sums import find_branch_sums
+from acfx.matching.find_linear_regions import find_linear_regions
 from acfx.matching.find_sites import find_conv_calls
 from acfx.matching.traced_model import TracedModel
 from acfx.matching.tracing import TracedPart, live_nodes, module_calls
@@ -45,64 +45,61 @@ def _modules(**modules):
     return root
 
 
-def _sums(graph, root):
-    return find_branch_sums(graph, dict(root.named_modules()), live_nodes(graph))
+def _regions(graph, root):
+    return find_linear_regions(graph, dict(root.named_modules()), live_nodes(graph))
 
 
-# -- find_branch_sums ----------------------------------------------------------------------------------------
+# -- find_linear_regions -------------------------------------------------------------------------------------
 ACB = dict(sq=nn.Conv2d(4, 4, 3, padding=1), sq_bn=nn.BatchNorm2d(4), hor=nn.Conv2d(4, 4, (1, 3), padding=(0, 1)),
-           hor_bn=nn.BatchNorm2d(4), ver=nn.Conv2d(4, 4, (3, 1), padding=(1, 0)))
+           hor_bn=nn.BatchNorm2d(4), ver=nn.Conv2d(4, 4, (3, 1), padding=(1, 0)), act=nn.ReLU())
 
 
-def test_a_sum_of_conv_branches_on_one_input_is_one_block_with_its_alignment():
+def test_a_sum_of_conv_branches_on_one_input_is_one_region():
     graph = _graph([("a", "module", "sq", ("x",)), ("a_bn", "module", "sq_bn", ("a",)),
                     ("b", "module", "hor", ("x",)), ("b_bn", "module", "hor_bn", ("b",)),
                     ("c", "module", "ver", ("x",)),
-                    ("s1", "function", operator.add, ("a_bn", "b_bn")), ("s2", "function", operator.add, ("s1", "c"))])
-    (match,) = _sums(graph, _modules(**ACB))
-    assert match.reason is None and len(match.branches) == 3
-    assert match.alignment.kernel_size == (3, 3) and match.alignment.offsets == ((0, 0), (1, 0), (0, 1))
-    assert [b.norm is not None for b in match.branches] == [True, True, False]
+                    ("s1", "function", operator.add, ("a_bn", "b_bn")), ("s2", "function", operator.add, ("s1", "c")),
+                    ("r", "module", "act", ("s2",))])
+    (region,) = _regions(graph, _modules(**ACB))
+    assert region.reason is None and region.source.name == "x" and region.output.target is operator.add
+    assert region.output.users and next(iter(region.output.users)).target == "act"
+    assert [op.kind for op in region.ops] == ["conv", "norm", "conv", "norm", "conv", "add", "add"]
+    assert region.conv_count == 3
 
 
-def test_branches_of_different_inputs_are_no_block():
-    graph = _graph([("y", "function", torch.relu, ("x",)), ("a", "module", "sq", ("x",)),
+def test_branches_of_different_inputs_are_no_region():
+    graph = _graph([("y", "module", "act", ("x",)), ("a", "module", "sq", ("x",)),
                     ("b", "module", "hor", ("y",)), ("s", "function", operator.add, ("a", "b"))])
-    assert _sums(graph, _modules(**ACB)) == []
+    assert _regions(graph, _modules(**ACB)) == []
 
 
-def test_a_crop_before_a_branch_is_read_into_its_window():
-    graph = _graph([("a", "module", "sq", ("x",)), ("cut", "function", operator.getitem,
-                                                     ("x", (slice(None), slice(None), slice(1, -1), slice(None)))),
-                    ("b", "module", "hor0", ("cut",)), ("s", "function", operator.add, ("a", "b"))])
-    root = _modules(sq=nn.Conv2d(4, 4, 3), hor0=nn.Conv2d(4, 4, (1, 3)))  # valid padding: the 1x3 branch crops
-    (match,) = _sums(graph, root)
-    assert match.branches[1].crop == Window(1, 1, 0, 0) and match.alignment.offsets[1] == (1, 0)
+def test_a_plain_conv_and_bn_chain_is_the_original_architecture_not_a_region():
+    graph = _graph([("a", "module", "sq", ("x",)), ("b", "module", "sq_bn", ("a",)), ("r", "module", "act", ("b",))])
+    assert _regions(graph, _modules(**ACB)) == []
 
 
-@pytest.mark.parametrize("extra,reason", [
-    (("s2", "function", operator.add, ("s", 1.0)), "constant"),
-    (("s2", "function", operator.add, ("s", "y")), "not conv branches"),
-])
-def test_a_sum_with_other_terms_is_a_block_left_with_the_reason(extra, reason):
-    graph = _graph([("y", "function", torch.relu, ("x",)), ("a", "module", "sq", ("x",)),
-                    ("b", "module", "hor", ("x",)), ("s", "function", operator.add, ("a", "b")), extra])
-    (match,) = _sums(graph, _modules(**ACB))
-    assert match.reason is not None and reason in match.reason, match.reason
+def test_constants_around_a_conv_and_crops_and_computed_weights_are_read():
+    weight = nn.Parameter(torch.randn(4, 4, 3, 3))
+    root = _modules(**ACB)
+    root.register_parameter("w", weight)
+    graph = fx.Graph()
+    x = graph.placeholder("x")
+    shifted = graph.call_function(operator.add, (x, 1.0))  # YOLOv7's ImplicitA: a constant added before a conv
+    doubled = graph.call_function(operator.mul, (graph.get_attr("w"), 2.0))  # a weight computed from a parameter
+    conv = graph.call_function(F.conv2d, (shifted, doubled))
+    cut = graph.call_function(operator.getitem, (conv, (slice(None), slice(None), slice(1, -1), slice(1, -1))))
+    graph.output(graph.call_module("act", (cut,)))
+    (region,) = _regions(graph, root)
+    assert [op.kind for op in region.ops] == ["shift", "function_conv", "crop"]
+    assert [c.op for c in region.constants] == ["get_attr", "call_function"]
 
 
-def test_a_branch_whose_output_is_used_elsewhere_is_not_a_branch():
+def test_a_region_whose_values_are_used_elsewhere_says_so():
     graph = _graph([("a", "module", "sq", ("x",)), ("b", "module", "hor", ("x",)),
-                    ("s", "function", operator.add, ("a", "b")), ("t", "function", operator.mul, ("s", "b"))])
-    assert _sums(graph, _modules(**ACB)) == []
-
-
-def test_kernels_that_do_not_share_a_window_are_left():
-    root = _modules(sq=nn.Conv2d(4, 4, 3, padding=1), off=nn.Conv2d(4, 4, (1, 3), padding=(1, 1)))
-    graph = _graph([("a", "module", "sq", ("x",)), ("b", "module", "off", ("x",)),
-                    ("s", "function", operator.add, ("a", "b"))])
-    (match,) = _sums(graph, root)
-    assert match.alignment is None and "one sliding window" in match.reason
+                    ("s", "function", operator.add, ("a", "b")), ("r", "module", "act", ("b",)),
+                    ("t", "function", operator.mul, ("s", "r"))])
+    (region,) = _regions(graph, _modules(**ACB))
+    assert region.reason is not None and "also used outside" in region.reason
 
 
 # -- find_conv_calls ---------------------------------------------------------------------------------------

@@ -31,17 +31,21 @@ def test_every_block_of_a_repvgg_style_net_is_in_the_report():
     collapsed, report = _collapse(net, torch.randn(2, 4, 16, 16))
     entries = {e.name: e for e in report.entries}
     assert set(entries) == {str(i) for i in range(6)}, report
-    assert entries["2"].action == entries["5"].action == "collapsed"  # + 0, no ReLU: one conv
-    assert "summed inline" in entries["0"].detail  # the ReLU after the sum: not a whole-module block
-    assert "identity" in entries["3"].detail or "not conv branches" in entries["3"].detail
+    assert all(e.action == "collapsed" for e in entries.values()), report
+    for i in (2, 3, 5):  # no ReLU after the sum (+ 0, or the identity BN): one conv
+        assert type(collapsed[i]) is nn.Conv2d and "replaced by one Conv2d" in entries[str(i)].detail
+    for i in (0, 1, 4):  # the ReLU after the sum stays: the forward is one conv, then the ReLU
+        assert isinstance(collapsed[i], torch.fx.GraphModule) and type(collapsed[i]).__name__ == "RepVGGStyle"
+        assert "forward rewritten" in entries[str(i)].detail
+        assert [type(m) for m in collapsed[i].children()] == [nn.Conv2d, nn.ReLU]
     assert all(" 0x0" not in e.what for e in report.entries)
-    assert type(collapsed[2]) is nn.Conv2d and isinstance(collapsed[3], RepVGGStyle)
 
 
-def test_a_dbb_block_is_reported_with_its_reason():
+def test_a_dbb_block_without_its_bias_padding_is_left_with_the_reason():
+    """1×1 → BN → k×k with the k×k padding zeros is not one conv at the border (DBB pads with the BN's bias)."""
     collapsed, report = _collapse(nn.Sequential(nn.Conv2d(3, 8, 1), DBBStyle(8)), torch.randn(2, 3, 10, 10))
     (entry,) = report.entries
-    assert entry.name == "1" and entry.action == "skipped" and "not conv branches" in entry.detail, report
+    assert entry.name == "1" and entry.action == "skipped" and "BNAndPadLayer" in entry.detail, report
     assert isinstance(collapsed[1], DBBStyle)
 
 
@@ -51,7 +55,7 @@ def test_the_papers_acb_with_identity_and_crop_layers_collapses(k, padding, stri
     collapsed, report = _collapse(PaperACB(4, 6, k, stride, padding), torch.randn(2, 4, 11, 12))
     assert type(collapsed) is nn.Conv2d and collapsed.kernel_size == (k, k) and collapsed.padding == (padding,) * 2
     (entry,) = report.of("collapsed")
-    assert entry.what.endswith(f"→ conv {k}x{k}")
+    assert entry.what.endswith(f"→ Conv2d {k}x{k}")
 
 
 PADDED = [(mode, k, p, s) for mode, k, p, s in itertools.product(("reflect", "replicate", "circular"), (3, 5),

@@ -388,12 +388,20 @@ def test_forward_helper_named_fuse_keeps_training_an_acnet():
 
 
 # -- collapse of modules in train mode ---------------------------------------------------------------------
-def test_collapse_warns_for_hand_written_blocks_and_bns_in_train_mode():
+def test_collapse_leaves_a_block_with_a_bn_kept_in_train_mode_and_warns_for_a_model_in_train_mode():
     torch.manual_seed(0)
     model = randomize_bn(TwoBranch()).eval()
-    model.b1.train()  # test-time adaptation: one BN normalising with batch statistics
+    model.b1.train()  # test-time adaptation: one BN normalising with batch statistics, on purpose
+    x = torch.randn(4, C, 9, 9)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # reported, not warned: the user chose it
+        collapsed, report = acfx.collapse(model, return_report=True)
+    (entry,) = report.entries
+    assert entry.action == "skipped" and "b1 is a BatchNorm in train mode" in entry.detail, report
+    with torch.no_grad():
+        assert torch.equal(collapsed(x), model(x))  # still the batch-statistics function
     with pytest.warns(UserWarning, match=r"train mode.*acfx.collapse\(model.eval\(\)\)"):
-        acfx.collapse(model)
+        acfx.collapse(model.train())  # the whole model: a forgotten .eval(), fused for eval with the fix named
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         acfx.collapse(model.eval())

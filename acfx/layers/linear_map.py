@@ -153,9 +153,9 @@ def compose(first: ConvMap, second: ConvMap) -> Union[ConvMap, Inexact]:
     if first.bias is not None and not second.window.positive().is_zero and bool((first.bias != 0).any()):
         return Inexact("the second conv pads the first's output with zeros where the first adds a bias: one conv "
                        "would pad its input instead (DBB pads with the bias, BNAndPadLayer, for this)")
-    groups = max(first.groups, second.groups)
+    groups = min(first.groups, second.groups)  # the coarser grouping holds both
     a, b = first.with_groups(groups), second.with_groups(groups)
-    if isinstance(a, Inexact) or isinstance(b, Inexact) or groups % min(first.groups, second.groups):
+    if isinstance(a, Inexact) or isinstance(b, Inexact):
         return Inexact(f"a map of {first.groups} groups followed by one of {second.groups} is not one grouped conv")
     outer, inner = b.kernel, a.kernel[:, :, 0, 0]  # [O, M/g, kh, kw], [M, I/g]
     out_per, mid_per = outer.shape[0] // groups, outer.shape[1]

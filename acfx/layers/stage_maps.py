@@ -20,8 +20,10 @@ from .split_conv import EvenSplitConv2d
 __all__ = ["conv_map", "apply_module", "branch_map"]
 
 
-def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None) -> Union[ConvMap, Inexact]:
-    """The map a conv acfx knows computes (nn.Conv2d's own computation with zero padding, EvenSplitConv2d)."""
+def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None, any_mode: bool = False) -> Union[ConvMap, Inexact]:
+    """The map a conv acfx knows computes (nn.Conv2d's own computation with zero padding, EvenSplitConv2d).
+    ``any_mode``: a conv padding in another mode too, read as if it padded with zeros (the caller checks that
+    one conv can pad the same way)."""
     if not isinstance(conv, EvenSplitConv2d) and conv_kind(conv) != PLAIN:
         return Inexact(f"{type(conv).__name__} is not a conv whose computation acfx knows")
     if isinstance(conv, EvenSplitConv2d):
@@ -31,7 +33,7 @@ def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None) -> Union[Conv
         window = conv_window(conv)
     if window is None:
         return Inexact(f"padding={conv.padding!r} cannot be resolved")
-    if getattr(conv, "padding_mode", "zeros") != "zeros" and not window.positive().is_zero:
+    if not any_mode and getattr(conv, "padding_mode", "zeros") != "zeros" and not window.positive().is_zero:
         return Inexact(f"{type(conv).__name__} pads with padding_mode={conv.padding_mode!r}, which a sum of maps cannot "
                        "share with the others (pad the block's input once instead)")
     kernel = kernel_of(conv)

@@ -1,8 +1,10 @@
-"""Where a matched branch sum lives: the whole forward of one module, or inline among other code.
+"""Where a matched region lives: the whole forward of one module, or part of a module's forward.
 
-Only a block that is a whole module can be swapped for one conv. fx records, for every node, the stack of
-modules whose forward it ran in (node.meta["nn_module_stack"]); a block is whole when the innermost
-module holding the match runs nothing else, except one padding op on its input before the branches.
+fx records, for every node, the stack of modules whose forward it ran in (node.meta["nn_module_stack"]).
+A region is *whole* when the innermost module holding it runs nothing else (but one padding op on its input
+before the branches, and the constants the region reads): that module can be swapped for one conv. A
+region that shares its module's forward with other code (an activation after the sum) is located with that
+forward's nodes, which collapse rewrites around one conv.
 """
 from __future__ import annotations
 
@@ -16,7 +18,6 @@ import torch.nn.functional as F
 
 from ..layers.geometry import Window
 from ..layers.padding import PAD_MODULES, DynamicSamePad2d
-from .find_branch_sums import BranchSum
 
 __all__ = ["PreOp", "Scope", "ScopeIndex", "pre_op_of"]
 
@@ -34,15 +35,19 @@ class PreOp:
     dynamic: Optional[Tuple[tuple, tuple, tuple]] = None
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class Scope:
-    """The module a match is the whole forward of ("" for the traced root), or why there is none."""
+    """The module holding a region ("" for the traced root): whether the region is its whole forward, the nodes
+    of that forward in graph order, or why the region cannot be rewritten there."""
 
     module: Optional[str]
     # The innermost module (qualified name in the traced part) whose forward holds the match.
     enclosing: str
     pre: Optional[PreOp] = None
     reason: Optional[str] = None
+    # True: the region (and ``pre``) is all the module computes; False: the forward does more.
+    whole: bool = True
+    body: Tuple[fx.Node, ...] = ()
 
 
 def _pad_function_op(node: fx.Node) -> Optional[PreOp]:
@@ -91,12 +96,14 @@ def _common_prefix(stacks: List[List[Tuple[str, str]]]) -> List[Tuple[str, str]]
 
 
 class ScopeIndex:
-    """The live call nodes of a traced part, by each module call whose forward ran them: built once, so
-    that locating every match costs the size of its module, not of the model."""
+    """The live nodes of a traced part, by each module call whose forward ran them: built once, so that
+    locating every match costs the size of its module, not of the model."""
 
-    def __init__(self, live: Set[fx.Node], modules: Dict[str, nn.Module]) -> None:
+    def __init__(self, live: Set[fx.Node], modules: Dict[str, nn.Module], graph: fx.Graph) -> None:
         self.live, self.modules = live, modules
-        self.calls = [n for n in live if n.op.startswith("call_")]
+        self.order = {node: i for i, node in enumerate(graph.nodes)}
+        ordered = sorted(live, key=self.order.__getitem__)
+        self.calls = [n for n in ordered if n.op.startswith("call_") or n.op == "get_attr"]
         self.by_key: Dict[str, List[fx.Node]] = {}
         for node in self.calls:
             for key in node.meta.get("nn_module_stack", {}):
@@ -106,24 +113,24 @@ class ScopeIndex:
     def _identity(self, node: fx.Node) -> bool:
         return node.op == "call_module" and isinstance(self.modules.get(node.target), nn.Identity)
 
-    def locate(self, match: BranchSum) -> Scope:
-        """The module whose whole forward ``match`` is, with the padding it applies first, if any."""
-        prefix = _common_prefix([_stack(n) for n in match.nodes])
+    def locate(self, region) -> Scope:
+        """The module whose forward holds ``region`` (a LinearRegion), whole or with more code around it."""
+        nodes = region.node_set
+        prefix = _common_prefix([_stack(n) for n in nodes])
         key, name = prefix[-1] if prefix else (None, "")
-        body = set(self.calls if key is None else self.by_key.get(key, ()))
-        extra = {n for n in body - match.nodes if not self._identity(n)}  # nn.Identity calls change nothing
-        pre = None
-        if extra == {match.source}:
-            pre = pre_op_of(match.source, self.modules)
-            if pre is None:
-                return Scope(None, name, reason=f"the branches' input is computed inside '{name or '<model>'}' "
-                                                f"by {match.source.name}, not a padding acfx can fold")
-        elif extra:
-            return Scope(None, name, reason=f"the branches are summed inline in '{name or '<model>'}'.forward "
-                                            "among other operations; acfx swaps whole modules only")
-        inputs = {a for n in body for a in n.all_input_nodes if a not in body}
-        if len(inputs) != 1:
-            return Scope(None, name, reason=f"'{name or '<model>'}' takes {len(inputs)} inputs, a conv takes one")
-        if key is None and self.outputs != [match.output]:
-            return Scope(None, name, reason="the model returns more than the branch sum")
-        return Scope(name, name, pre)
+        body = tuple(self.calls if key is None else self.by_key.get(key, ()))
+        inside = set(body)
+        extra = {n for n in inside - nodes - set(region.constants) if not self._identity(n)}
+        inputs = {a for n in body for a in n.all_input_nodes if a not in inside}
+        whole_inputs = len(inputs) == 1 and (key is not None or self.outputs == [region.output])
+        if not extra and whole_inputs:
+            return Scope(name, name, None, None, True, body)
+        if extra == {region.source} and whole_inputs:
+            pre = pre_op_of(region.source, self.modules)
+            if pre is not None:
+                return Scope(name, name, pre, None, True, body)
+        if key is None:
+            return Scope(None, name, reason="the branches are summed inline in the model's own forward among other "
+                                            "operations; acfx rewrites the forward of modules below the model")
+        return Scope(name, name, None, None, False, body)
+

@@ -4,7 +4,7 @@ Every pass asks the same questions of a model before it rewrites anything: which
 graphs), which did not (and what their code may reach), which modules are registered twice or hold tied
 tensors, which have hooks running code tracing never sees, and, for expand, what the forward of the other
 mode looks like. :func:`trace_model` answers them once, into a :class:`TracedModel` that is complete when
-built and read by the finders (find_sites.py, find_branch_sums.py) and the passes.
+built and read by the finders (find_sites.py, find_linear_regions.py) and the passes.
 """
 from __future__ import annotations
 

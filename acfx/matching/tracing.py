@@ -25,9 +25,11 @@ import torch.fx as fx
 import torch.nn as nn
 from timm.layers import get_notrace_functions, get_notrace_modules
 
+from ..layers.convs import conv_kind, extra_state, instance_override
 from ..layers.hooks import hooks_of
 from ..layers.module_copies import copy_modes
 from ..layers.norms import is_batch_norm
+from .known_layers import bias_padded_norm
 from .untraced_reach import Reach, reach_of, reach_reason
 
 __all__ = ["AcfxTracer", "TracedPart", "UntracedPart", "trace_parts", "live_nodes", "module_calls",
@@ -57,19 +59,33 @@ class AcfxTracer(fx.Tracer):
     the values the hooks would have observed (``observed``)."""
 
     def __init__(self, leaf_types: Sequence[Type[nn.Module]] = (),
-                 opaque_types: Sequence[Type[nn.Module]] = ()) -> None:
+                 opaque_types: Sequence[Type[nn.Module]] = (), read_layers: bool = False) -> None:
         timm_modules, timm_functions = _timm_leaves()
         super().__init__(autowrap_functions=timm_functions)
         self.leaf_types = tuple(leaf_types) + timm_modules
         # Traced through even when timm or the user names them as leaves.
         self.opaque_types = tuple(opaque_types)
+        # collapse reads layers: a conv subclass whose forward acfx does not know is traced into (DBB's
+        # identity-based 1x1 computes its kernel there), and layers that do not trace but that acfx knows the
+        # computation of (DBB's BNAndPadLayer, known_layers.py) are leaves.
+        self.read_layers = read_layers
         self.observed: Set[fx.Node] = set()
         # How each module (qualified name) was called, leaves and traced-through modules alike.
         self.call_forms: Dict[str, List[CallForm]] = {}
 
+    def trace(self, root, concrete_args=None):
+        if self.read_layers and isinstance(root, nn.Module):
+            for module in root.modules():  # recognised before tracing patches nn.Module calls (it runs them)
+                bias_padded_norm(module)
+        return super().trace(root, concrete_args)
+
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.opaque_types and isinstance(m, self.opaque_types):
             return False
+        if self.read_layers and isinstance(m, nn.Conv2d) and conv_kind(m) is None and _traceable_conv(m):
+            return False
+        if self.read_layers and bias_padded_norm(m) is not None:
+            return True
         if isinstance(m, (nn.Conv2d,) + self.leaf_types) or is_batch_norm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
@@ -88,6 +104,12 @@ class AcfxTracer(fx.Tracer):
         out = super().call_module(m, lambda *a, **k: m.forward(*a, **k), args, kwargs)
         self.observed.update(p.node for p in _proxies_in((args, kwargs, out)))
         return out
+
+
+def _traceable_conv(conv: nn.Module) -> bool:
+    """A conv subclass with a forward of its own, whose parameters and children are a conv's (its forward is
+    then the whole story, and tracing it shows what it computes)."""
+    return type(conv).forward is not nn.Conv2d.forward and not extra_state(conv) and not instance_override(conv)
 
 
 @dataclasses.dataclass

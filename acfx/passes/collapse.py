@@ -33,7 +33,7 @@ logger = logging.getLogger(__name__)
 def collapse_tracer(leaf_modules: Sequence[Type[nn.Module]] = ()):
     """A tracer factory that traces through ACBlocks (and any block) down to convs and BNs."""
     leaves = (NormTail, DynamicSamePad2d, EvenSplitConv2d, OnlineACConv) + tuple(leaf_modules)
-    return lambda: AcfxTracer(leaf_types=leaves, opaque_types=(ACBlock,))
+    return lambda: AcfxTracer(leaf_types=leaves, opaque_types=(ACBlock,), read_layers=True)
 
 
 @overload

@@ -1,8 +1,10 @@
-"""collapse's graph part: every sum of conv branches found in a traced part, fused or reported.
+"""collapse's graph part: every re-parameterisable region of a traced part, fused or reported.
 
-A hand-written block that is a whole module becomes one conv (fuse_hand_written.py). An ACBlock met in
-the graph is only checked: its recorded layout must be what the graph shows (it fuses itself). Every
-other sum is reported with the reason it stays.
+A region (matching/find_linear_regions.py) that is a whole module becomes one conv; one that shares its
+module's forward with more code becomes that forward with the region replaced by one conv
+(fuse_regions.py). The map is computed with the algebra of linear maps (region_map.py). Regions inside
+acfx's own blocks are left to them: an ACBlock fuses itself (fuse_own.py). Every region that stays is
+reported with the reason.
 """
 from __future__ import annotations
 
@@ -12,28 +14,40 @@ from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 import torch.nn as nn
 
 from ..layers.block import ACBlock
-from ..layers.fusion import Term
 from ..layers.hooks import carry_hooks, hook_reason, hooks_of
-from ..matching.find_branch_sums import BranchSum, find_branch_sums
+from ..layers.linear_map import Inexact
+from ..matching.find_linear_regions import LinearRegion, find_linear_regions
 from ..matching.scope import Scope, ScopeIndex
 from ..matching.traced_model import TracedModel
 from ..matching.tracing import TracedPart, module_calls
-from .fuse_hand_written import FusionPlan, fuse_plan
+from ..matching.untraced_reach import reach_reason
+from .fuse_regions import REPARAM_NAME, Rewrite, fused_conv, rewritten_forward
+from .region_map import region_map
 from .report import Action, Entry
 
 __all__ = ["MatchesOutcome", "collapse_matches"]
 
 
-def _describe(match: BranchSum, block: nn.Module) -> str:
-    kernels = "+".join(b.kernel_text for b in match.branches)
-    if match.alignment is None:
-        return f"{type(block).__name__} {kernels}"
-    return f"{type(block).__name__} {kernels} → conv {'x'.join(map(str, match.alignment.kernel_size))}"
+def _kernels(region: LinearRegion) -> str:
+    sizes = []
+    for op in region.ops:
+        if op.kind == "conv":
+            sizes.append("x".join(map(str, op.module.kernel_size)))
+        elif op.kind == "function_conv":
+            sizes.append("conv(computed weight)")
+    return "+".join(sizes)
 
 
-def _inner_hooks(match: BranchSum, part: TracedPart, modules: Dict[str, nn.Module]) -> Optional[str]:
+def _describe(region: LinearRegion, block: nn.Module, conv: Optional[nn.Module] = None) -> str:
+    what = f"{type(block).__name__} {_kernels(region)}"
+    if conv is not None:
+        what += f" → {type(conv).__name__} {'x'.join(map(str, conv.kernel_size))}"
+    return what
+
+
+def _inner_hooks(region: LinearRegion, part: TracedPart, modules: Dict[str, nn.Module]) -> Optional[str]:
     """Why hooks on the modules inside a block stop its fusion (they would disappear with them)."""
-    for node in match.nodes:
+    for node in region.nodes:
         module = modules.get(node.target) if node.op == "call_module" else None
         if module is not None and hooks_of(module).any:
             return (f"{part.qualify(node.target)} ({type(module).__name__}) inside the block has "
@@ -42,38 +56,14 @@ def _inner_hooks(match: BranchSum, part: TracedPart, modules: Dict[str, nn.Modul
     return None
 
 
-def _plan(match: BranchSum, scope: Scope, part: TracedPart, training: bool) -> FusionPlan:
-    """The resolved fusion plan of a fusable, whole-module match."""
-    terms = tuple(Term(part.qualify(b.conv.target), b.spec.weight(), b.spec.bias,
-                       part.module.get_submodule(b.norm.target) if b.norm is not None else None,
-                       part.qualify(b.norm.target) if b.norm is not None else "", offset)
-                  for b, offset in zip(match.branches, match.alignment.offsets))
-    square = max(match.branches, key=lambda b: b.spec.kernel_size[0] * b.spec.kernel_size[1]).spec
-    return FusionPlan(terms, match.alignment.kernel_size, match.alignment.window, match.alignment.padding_mode,
-                      scope.pre, square, training)
-
-
-def _check_own_layout(block: ACBlock, match: BranchSum, name: str) -> None:
-    """The graph's reading of an ACBlock must be the layout the block records (an internal invariant)."""
-    if match.reason is not None or match.alignment is None:
-        raise AssertionError(f"acfx internal error: ACBlock '{name}' does not match as a fusable block "
-                             f"({match.reason}); please report it")
-    convs = {id(getattr(block, n)): n for n in block.branch_names()}
-    seen = {convs.get(id(b.module)): offset for b, offset in zip(match.branches, match.alignment.offsets)}
-    if match.alignment.kernel_size != block.kernel_size or seen != block.offsets:
-        raise AssertionError(f"acfx internal error: ACBlock '{name}' records offsets {block.offsets} in a "
-                             f"{block.kernel_size} kernel, its graph reads {seen} in {match.alignment.kernel_size}; "
-                             "please report it")
-
-
-def _outside_use(match: BranchSum, scope: Scope, part: TracedPart, owners: Sequence,
+def _outside_use(region: LinearRegion, scope: Scope, part: TracedPart, owners: Sequence,
                  calls: Dict[str, int]) -> Optional[str]:
-    """Why the block, or a module inside it, is used other than by the block's calls module(x)."""
+    """Why the block, or a module inside the region, is used other than by the block's calls module(x)."""
     block_calls = len(part.call_forms.get(scope.module, ())) if scope.module else 1
-    reason = part.use_reason(scope.module, owners) if scope.module else None
+    reason = _block_use(scope, part, owners) if scope.module else None
     if reason:
         return f"the block is {reason}" if reason.startswith("called") else reason
-    for node in sorted(match.nodes, key=lambda n: n.name):
+    for node in sorted(region.nodes, key=lambda n: n.name):
         if node.op != "call_module":
             continue
         name = part.qualify(node.target)
@@ -85,63 +75,155 @@ def _outside_use(match: BranchSum, scope: Scope, part: TracedPart, owners: Seque
     return None
 
 
-def _in_train_mode(match: BranchSum, block: nn.Module, modules: Dict[str, nn.Module]) -> bool:
-    """The block or a module of the match is in train mode: its eval function is what gets fused."""
-    return block.training or any(modules[n.target].training for n in match.nodes if n.op == "call_module")
+def _block_use(scope: Scope, part: TracedPart, owners: Sequence) -> Optional[str]:
+    """Why the block is used other than by its calls: another call form, code tracing does not see, or a read of
+    its tensors from outside its own forward (its forward reads them: OREPA's weights, YOLOv7's implicit)."""
+    reason = part.call_form_reason(scope.module)
+    if reason:
+        return reason
+    body = set(scope.body)
+    prefix = f"{scope.module}."
+    outside = sorted({n.target for n in part.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)
+                      and n not in body})
+    if outside:
+        return f"the forward reads {part.qualify(outside[0])} outside the block, which fusing it would remove"
+    return reach_reason(part.qualify(scope.module), part.module.get_submodule(scope.module), owners)
+
+
+def _in_train_mode(region: LinearRegion, block: nn.Module, modules: Dict[str, nn.Module]) -> bool:
+    """The block or a module of the region is in train mode: its eval function is what gets fused."""
+    return block.training or any(modules[n.target].training for n in region.nodes if n.op == "call_module")
+
+
+def _kept_in_train_mode(region: LinearRegion, block: nn.Module, part: TracedPart,
+                        modules: Dict[str, nn.Module]) -> Optional[str]:
+    """Why a region of a block in eval mode is left: one of its BNs was put in train mode on purpose (test-time
+    adaptation), so it normalises with batch statistics, which no conv computes. (A whole model in train
+    mode is fused for eval, with a warning: that is a forgotten .eval().)"""
+    if block.training:
+        return None
+    kept = [n.target for n in region.nodes if n.op == "call_module" and modules[n.target].training
+            and isinstance(modules[n.target], nn.modules.batchnorm._NormBase)]
+    if not kept:
+        return None
+    return (f"{part.qualify(kept[0])} is a BatchNorm in train mode in a block in eval mode: it normalises with "
+            "batch statistics, which no conv computes; call .eval() on it to fuse its running statistics")
+
+
+def _in_own_block(name: str, modules: Dict[str, nn.Module]) -> bool:
+    """The region lies in an acfx ACBlock (or is one): the block fuses itself from its recorded layout."""
+    parts = name.split(".") if name else []
+    return any(isinstance(modules.get(".".join(parts[:i])), ACBlock) for i in range(len(parts) + 1))
 
 
 @dataclasses.dataclass(frozen=True)
 class MatchesOutcome:
-    """What collapse does with the branch sums of one traced part."""
+    """What collapse does with the regions of one traced part."""
 
-    # The fused convs for hand-written blocks that are whole modules, by qualified name.
+    # What replaces each fused block (a conv, or its forward rewritten around one conv), by qualified name.
     replacements: Dict[str, nn.Module]
     entries: Tuple[Entry, ...]
     # Blocks left because of hooks (one warning), fused blocks in train mode (one warning).
     hooked: Tuple[str, ...]
     in_train_mode: Tuple[str, ...]
-    # ACBlocks whose recorded layout the graph confirmed.
+    # ACBlocks the graph showed (fused by themselves).
     checked: FrozenSet[str]
 
 
+@dataclasses.dataclass(frozen=True)
+class _Candidate:
+    """A region that can be fused, with its conv, waiting for the other regions of its block."""
+
+    region: LinearRegion
+    scope: Scope
+    conv: nn.Module
+    gained_bias: bool
+
+
+def _fuse(region: LinearRegion, scope: Scope, part: TracedPart, block: nn.Module):
+    """The conv computing ``region`` (a _Candidate), or the reason there is none."""
+    found = region_map(region, part)
+    if isinstance(found, Inexact):
+        return found.reason
+    convs = [op.module for op in region.ops if op.kind == "conv"]
+    like = next(block.parameters(), found.map.kernel)
+    conv = fused_conv(found.map, found.padding_mode, scope.pre, convs, block.training, like)
+    if isinstance(conv, Inexact):
+        return conv.reason
+    return _Candidate(region, scope, conv.conv, conv.gained_bias)
+
+
+def _call_key(region: LinearRegion) -> Optional[str]:
+    """The call key (fx's nn_module_stack) of the module call whose forward holds the region."""
+    stacks = [list(n.meta.get("nn_module_stack", {})) for n in region.nodes]
+    common = stacks[0]
+    for stack in stacks[1:]:
+        n = 0
+        while n < min(len(common), len(stack)) and common[n] == stack[n]:
+            n += 1
+        common = common[:n]
+    return common[-1] if common else None
+
+
 def collapse_matches(part: TracedPart, traced: TracedModel) -> MatchesOutcome:
-    """Replacements for the fusable hand-written blocks of one traced part; every other match reported,
-    ACBlocks checked against the graph."""
+    """Replacements for the fusable blocks of one traced part; every other region reported."""
     modules = dict(part.module.named_modules())
-    index = ScopeIndex(part.live, modules)
+    index = ScopeIndex(part.live, modules, part.graph)
     calls = module_calls(part.graph)
-    out: Dict[str, nn.Module] = {}
     entries: List[Entry] = []
     hooked: List[str] = []
-    in_train_mode: List[str] = []
     checked: Set[str] = set()
-    for match in find_branch_sums(part.graph, modules, part.live):
-        scope = index.locate(match)
+    by_block: Dict[str, List[_Candidate]] = {}
+    for region in find_linear_regions(part.graph, modules, part.live):
+        scope = index.locate(region)
         name = part.qualify(scope.module if scope.module is not None else scope.enclosing)
         block = modules[scope.enclosing]
-        if isinstance(block, ACBlock) and scope.module is not None:
-            _check_own_layout(block, match, name)
+        if _in_own_block(scope.enclosing, modules):
             checked.add(name)
             continue
-        if name in out:
-            continue  # the same module called again: already fused
-        hook = _inner_hooks(match, part, modules) or hook_reason(block, "the block", carries_pre=True,
-                                                                 carries_forward=True)
-        reason = match.reason or scope.reason or hook or _outside_use(match, scope, part, traced.owners, calls)
-        fused = None
-        if not reason:
-            fused, reason = fuse_plan(_plan(match, scope, part, block.training))
-        if fused is None:
-            if reason == hook:
+        hook = _inner_hooks(region, part, modules) or hook_reason(block, "the block", carries_pre=True,
+                                                                  carries_forward=True)
+        reason = (region.reason or scope.reason or hook or _kept_in_train_mode(region, block, part, modules)
+                  or _outside_use(region, scope, part, traced.owners, calls))
+        fused = _fuse(region, scope, part, block) if not reason else reason
+        if isinstance(fused, str):
+            if fused == hook:
                 hooked.append(name)
-            entries.append(Entry(name, Action.SKIPPED, _describe(match, block), reason))
+            entries.append(Entry(name, Action.SKIPPED, _describe(region, block), fused))
             continue
-        carry_hooks(block, fused.conv, forward_pre=True, forward=True)  # same input, same output
-        out[name] = fused.conv
-        if _in_train_mode(match, block, modules):
-            in_train_mode.append(name)
-        notes = [f"{type(block).__name__} replaced by one {type(fused.conv).__name__}"]
-        if fused.gained_bias:
-            notes.append("the conv gained a bias (no BN slot after the block to hold the shift)")
-        entries.append(Entry(name, Action.COLLAPSED, _describe(match, block), "; ".join(notes), True))
+        if any(c.region.output is region.output for c in by_block.get(name, ())):
+            continue  # the same region twice: a module called again
+        by_block.setdefault(name, []).append(fused)
+    out: Dict[str, nn.Module] = {}
+    in_train_mode: List[str] = []
+    for name, candidates in by_block.items():
+        entry, module = _replace(name, candidates, part, modules)
+        entries.append(entry)
+        if module is not None:
+            block = modules[candidates[0].scope.enclosing]
+            carry_hooks(block, module, forward_pre=True, forward=True)  # same input, same output
+            out[name] = module
+            if any(_in_train_mode(c.region, block, modules) for c in candidates):
+                in_train_mode.append(name)
     return MatchesOutcome(out, tuple(entries), tuple(hooked), tuple(in_train_mode), frozenset(checked))
+
+
+def _replace(name: str, candidates: List[_Candidate], part: TracedPart, modules: Dict[str, nn.Module]
+             ) -> Tuple[Entry, Optional[nn.Module]]:
+    """What replaces a block (its entry in the report, and the module; None when it stays)."""
+    first = candidates[0]
+    block = modules[first.scope.enclosing]
+    what = "; ".join(_describe(c.region, block, c.conv) for c in candidates)
+    bias = ["the conv gained a bias (no BN slot after the block to hold the shift)"] if any(
+        c.gained_bias for c in candidates) else []
+    if first.scope.whole and len(candidates) == 1:
+        notes = [f"{type(block).__name__} replaced by one {type(first.conv).__name__}"] + bias
+        return Entry(name, Action.COLLAPSED, what, "; ".join(notes), True), first.conv
+    rewrites = [Rewrite(c.region, c.conv) for c in candidates]
+    module = rewritten_forward(part, first.scope, rewrites, block, _call_key(first.region))
+    if isinstance(module, Inexact):
+        return Entry(name, Action.SKIPPED, what, module.reason), None
+    kinds = ", ".join(sorted({type(c.conv).__name__ for c in candidates}))
+    notes = [f"{type(block).__name__}'s forward rewritten: {len(candidates)} sum(s) each one {kinds} "
+             f"('{REPARAM_NAME}'), the rest of its forward kept"] + bias
+    return Entry(name, Action.COLLAPSED, what, "; ".join(notes), True), module

@@ -23,12 +23,13 @@ class ModuleSwaps:
     def apply(self, replacements: Dict[str, nn.Module]) -> nn.Module:
         """Put each module of ``replacements`` at its qualified name; return the (possibly new) root.
 
-        The name "" replaces the root itself: the new module becomes the root.
+        The name "" replaces the root itself: the new module becomes the root. Outer modules are swapped
+        before the modules inside them (a rewritten block holds children that are swapped too).
         """
         if "" in replacements:
             self.root = replacements[""]
             return self.root
-        for name, new in replacements.items():
+        for name, new in sorted(replacements.items(), key=lambda item: item[0].count(".")):
             parent, child = _parent(self.root, name)
             old = getattr(parent, child)
             setattr(parent, child, new)

@@ -42,6 +42,10 @@ def _expand_kwargs(args: argparse.Namespace, recorded: Optional[dict] = None) ->
         if recorded and field.name in recorded and value == field.default:
             value = recorded[field.name]
         options[field.name] = value
+    try:  # checked here, where a wrong value is the user's (a flag or a checkpoint's acb_ keyword)
+        ExpandOptions.resolve(None, options)
+    except TypeError as error:
+        raise ValueError(str(error)) from error
     return options
 
 
@@ -167,7 +171,8 @@ def _print_read(checkpoint) -> None:
 def _read(args: argparse.Namespace):
     """The checkpoint, read once, with its model name, model arguments and recorded expand options; the
     model's weights found in it by the keys of the plain model."""
-    from .checkpoint import expanded_mode, read_checkpoint, read_container
+    from .checkpoint import expanded_mode, read_checkpoint
+    from .checkpoint_files import read_container
     from .zoo import build_model
     container = read_container(args.checkpoint)
     name = _model_name(args, container)
@@ -250,14 +255,35 @@ def cmd_collapse(args: argparse.Namespace) -> int:
                                  model_kwargs=kwargs, tolerance=args.tolerance, keep_container=args.keep_container,
                                  **_expand_kwargs(args, acb))
     _print_conversion(result, "collapsed")
-    if result.written and not args.fold_bn and not args.keep_container:
+    if result.written and not args.keep_container and (result.own_blocks or not args.fold_bn):
         print(_load_line(name, kwargs, result, output))
+    if result.written and args.export:
+        return _export(result, args.export)
     return 0 if result.written else 1
+
+
+def _export(result, path: str) -> int:
+    """The checked collapsed model as a torch.export program: runs without acfx, the model's code or timm."""
+    import torch
+    try:
+        program = torch.export.export(result.converted.eval(), (result.probe,))
+    except Exception as error:  # the model's own code may not export; the checkpoint is written all the same
+        first = str(error).strip().splitlines()[0] if str(error).strip() else ""
+        print(f"NOT exported: torch.export of the collapsed {result.model} failed ({type(error).__name__}: "
+              f"{first}); the checkpoint above is written", file=sys.stderr)
+        return 1
+    torch.export.save(program, path)
+    print(f"exported {path} (torch.export, input {tuple(result.probe.shape)}; load it with torch.export.load)")
+    return 0
 
 
 def _load_line(name: str, kwargs: dict, result, output: str) -> str:
     """How to load the written plain checkpoint without acfx, or why it does not load into the plain model."""
     from .zoo import model_source
+    if result.own_blocks:
+        return (f"its blocks are the deploy forms acfx.collapse builds, so load it into one: "
+                f"acfx.collapse(<{name} as built>.eval()).load_state_dict(torch.load({output!r})), or write a "
+                "program that needs neither acfx nor the model's code with --export PROGRAM.pt2")
     changed = result.report.structure_changes
     if changed:
         return (f"note: {len(changed)} conv(s) gained a bias in the collapse (include_unnormed: no BN after them to "
@@ -404,12 +430,17 @@ def _parser() -> argparse.ArgumentParser:
     _expand_options(check, for_checkpoint=False)
     check.set_defaults(func=cmd_check)
 
-    col = sub.add_parser("collapse", help="expanded (ACNet) training checkpoint → checkpoint of the plain model",
+    col = sub.add_parser("collapse", help="expanded (ACNet) training checkpoint → checkpoint of the plain model; "
+                                          "a model's own rep blocks (RepVGG, MobileOne, ...) → their deploy form",
                          description="Load a checkpoint of acfx.expand(MODEL), collapse it, check the result "
                                      "against the expanded model, and write a plain state_dict that "
                                      "timm.create_model(MODEL, checkpoint_path=OUT) loads strictly without acfx "
                                      "(or, with --keep-container, the input's container with the collapsed "
-                                     "weights in it). The weights are found in the checkpoint by the keys of "
+                                     "weights in it). A checkpoint of MODEL itself, when MODEL has "
+                                     "re-parameterisable blocks of its own (timm's repvgg, mobileone, fastvit, "
+                                     "repghostnet, ...), gives their deploy form the same way, checked against "
+                                     "the trained model; --export also writes it as a torch.export program. "
+                                     "The weights are found in the checkpoint by the keys of "
                                      "MODEL; several equally matching sets are refused, listed, for "
                                      "--checkpoint-key / --prefix to choose. Nothing is written if the checkpoint "
                                      "does not match.")
@@ -418,6 +449,9 @@ def _parser() -> argparse.ArgumentParser:
                           "last-collapsed.ckpt) or a directory for a directory (default: <directory>-collapsed)")
     col.add_argument("--fold-bn", action="store_true", help="also fold every BN into its conv (deploy form; "
                                                              "no longer loads into the plain architecture)")
+    col.add_argument("--export", metavar="PROGRAM.pt2", default=None,
+                     help="also write the checked collapsed model as a torch.export program (torch.export.load "
+                          "runs it without acfx or the model's code), traced on the check's input shape")
     col.set_defaults(func=cmd_collapse)
 
     exp = sub.add_parser("expand", help="plain checkpoint → ACNet checkpoint (function-preserving init)",
@@ -444,12 +478,13 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """Entry point of the `acfx` command; returns the exit code (2 for bad input)."""
+    """Entry point of the `acfx` command; returns the exit code (2 for bad input, which the commands raise as
+    ValueError or OSError; other exceptions are bugs and propagate with their traceback)."""
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
-    except (ValueError, TypeError, OSError) as error:
-        print(f"acfx {args.command}: error: {error}", file=sys.stderr)
+    except (ValueError, OSError) as error:  # the user's input: a checkpoint, a path, a model or its arguments;
+        print(f"acfx {args.command}: error: {error}", file=sys.stderr)  # anything else is acfx's bug: traceback
         return 2
 
 

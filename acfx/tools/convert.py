@@ -1,4 +1,5 @@
-"""Checkpoint conversion: expanded (ACNet) checkpoint → plain one, and plain → expanded.
+"""Checkpoint conversion: expanded (ACNet) checkpoint → plain one, and plain → expanded; a checkpoint of a
+model with its own re-parameterisable blocks (RepVGG, MobileOne, ...) in train-time form → its deploy form.
 
 What `acfx collapse` and `acfx expand` run. The model is rebuilt from its name (timm or torchvision, random
 weights), the checkpoint is loaded strictly (nothing is written on a mismatch), and the converted model is
@@ -19,18 +20,18 @@ from ..passes.expand import expand
 from ..passes.report import Report
 from .checkpoint import (
     Checkpoint,
-    Dropped,
-    check_container_output,
+    expanded_mode,
     expanded_sites,
     load_state_dict_strict,
     read_checkpoint,
-    write_container,
     write_state_dict,
 )
+from .container_writing import Dropped, check_container_output, write_container
 from .diagnostics import (
     Float64Check,
     float64_check,
     output_tensor,
+    over_tolerance,
     relative_error,
     within_rounding,
 )
@@ -89,6 +90,11 @@ class Conversion:
     read: Optional[str] = None
     # With keep_container: the container's entries not carried over as they were (optimizer states, EMA copies).
     dropped: List[Dropped] = dataclasses.field(default_factory=list)
+    # True when the checkpoint held the model as built, and what collapsed were its own blocks (no acfx ones).
+    own_blocks: bool = False
+    # The converted model and an input it was checked on (to export it); None until checked.
+    converted: Optional[nn.Module] = dataclasses.field(default=None, repr=False)
+    probe: Optional[torch.Tensor] = dataclasses.field(default=None, repr=False)
 
     @property
     def exact(self) -> bool:
@@ -136,7 +142,8 @@ def _verify_and_write(result: Conversion, source: nn.Module, converted: nn.Modul
     with torch.no_grad():
         y_source, y_converted = output_tensor(source.eval()(x)), output_tensor(converted.eval()(x))
     result.error = relative_error(y_converted, y_source)
-    if result.error > result.tolerance:
+    result.converted, result.probe = converted, x
+    if over_tolerance(result.error, result.tolerance):
         result.float64 = float64_check(source, convert, x, y_source, y_converted)
     if result.exact:
         if keep_container:
@@ -156,14 +163,16 @@ def collapse_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, u
 
     ``model_kwargs`` go to the model builder; they must be those of training where they change what the
     weights mean (a BN's eps is not stored in the state_dict). ``checkpoint``: a path (file or directory;
-    the weights are found by the model's keys, see :func:`acfx.tools.checkpoint.locate_state`, with
+    the weights are found by the model's keys, see :func:`acfx.tools.state_location.locate_state`, with
     ``use_ema``, ``checkpoint_key`` and ``prefix`` to choose) or a read record. ``keep_container``: write the
-    input's container with the collapsed weights in place (see :func:`acfx.tools.checkpoint.write_container`)
+    input's container with the collapsed weights in place (see :func:`acfx.tools.container_writing.write_container`)
     instead of a plain state_dict."""
     model_kwargs = dict(model_kwargs or {})
     record = _checkpoint(checkpoint, _Source(name, num_classes, model_kwargs, use_ema, checkpoint_key, prefix))
     _check_output(record, output, keep_container)
     plain = build_matching(name, record.state, num_classes, **model_kwargs)
+    if _holds_the_model_as_built(plain, record.state):
+        return _collapse_own_blocks(plain, record, name, output, fold_bn, tolerance, keep_container)
     sites = expanded_sites(record.state)
     if sites and "filter_fn" not in expand_kwargs:  # a conv frozen or excluded in training stayed plain
         expand_kwargs["filter_fn"] = lambda conv, conv_name: conv_name in sites
@@ -174,6 +183,29 @@ def collapse_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, u
                         tolerance, read=record.describe())
     return _verify_and_write(result, expanded, collapsed,
                              lambda m: collapse(m, fold_bn=fold_bn, inplace=True), record, keep_container)
+
+
+def _holds_the_model_as_built(plain: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:
+    """A checkpoint of ``plain`` itself, no acfx block in it: every key and shape the model's own."""
+    expected = plain.state_dict()
+    return (expanded_mode(state) is None and set(state) == set(expected)
+            and all(tuple(state[k].shape) == tuple(v.shape) for k, v in expected.items()))
+
+
+def _collapse_own_blocks(plain: nn.Module, record: Checkpoint, name: str, output: str, fold_bn: bool,
+                         tolerance: float, keep_container: bool) -> Conversion:
+    """The deploy form of a model trained with its own re-parameterisable blocks (timm's RepVGG, MobileOne,
+    FastViT, ...): the checkpoint loaded into the model as built, and the blocks collapse finds fused."""
+    load_state_dict_strict(plain, record.state, record.source)
+    collapsed, report = collapse(plain.eval(), fold_bn=fold_bn, return_report=True)
+    if not report.of("collapsed") and not report.of("folded"):
+        raise ValueError(f"{record.path} holds a plain {name} (no acfx blocks in it), and collapse finds no "
+                         "re-parameterisable block in it: there is nothing to collapse. A checkpoint of "
+                         f"acfx.expand({name}) has keys ending in .layout; was this one written before training?")
+    result = Conversion(name, record.path, output, report, float("nan"), getattr(plain, "num_classes", None),
+                        tolerance, read=record.describe(), own_blocks=True)
+    return _verify_and_write(result, plain, collapsed, lambda m: collapse(m, fold_bn=fold_bn, inplace=True),
+                             record, keep_container)
 
 
 def expand_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, use_ema: bool = False,
