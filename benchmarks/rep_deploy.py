@@ -11,9 +11,8 @@ parameters and BN statistics; the deploy form and ``acfx.collapse`` are timed in
 deploy form twice (the spread between the two is the noise floor), with the shared timer
 (benchmarks/timing.py); their outputs are compared and the ops they launch (torch.profiler: aten ops on the
 CPU, kernels on the GPU) are compared: the collapsed model must run no more convolutions than the deploy
-form, and the table says where the lists differ (timm's mobileone_s1 has four single-branch blocks, a 1x1
-conv→BN with nothing summed, which timm's reparameterisation folds and collapse leaves as conv→BN: its
-fold_bn=True folds them). Exits 1 if a collapsed model runs more convolutions or its output disagrees.
+form, and the table says where the lists differ. Exits 1 if a collapsed model runs more convolutions or its
+output disagrees.
 """
 from __future__ import annotations
 

@@ -124,10 +124,11 @@ def test_cli_refuses_a_plain_checkpoint_with_nothing_to_collapse(tmp_path, capsy
     assert not out.exists()
 
 
-@pytest.mark.parametrize("name", ["repvgg_a0", "repghostnet_050", "fastvit_t8"])
+@pytest.mark.parametrize("name", ["mobileone_s1", "repghostnet_050", "fastvit_t8"])
 def test_timm_rep_families_collapse_like_timms_own_reparameterize(name):
-    """timm's own blocks in their train-time form (RepVGG's, RepGhost's, FastViT's MobileOne and RepMixer
-    blocks): acfx.collapse gives the unfused output and runs what timm's reparameterize_model runs."""
+    """timm's own blocks in their train-time form (MobileOne's, with single-branch blocks among them, RepGhost's,
+    FastViT's MobileOne and RepMixer blocks): acfx.collapse gives the unfused output and runs what timm's
+    reparameterize_model runs, op for op."""
     import timm
     torch.manual_seed(0)
     model = trained(timm.create_model(name, num_classes=10))
@@ -139,5 +140,4 @@ def test_timm_rep_families_collapse_like_timms_own_reparameterize(name):
         assert_rel_close(collapsed(x), expected, what=f"{name}: collapsed vs unfused")
         assert_rel_close(collapsed(x), deployed(x), tol=1e-4, what=f"{name}: collapsed vs reparameterize_model")
     ours, theirs = aten_ops(collapsed, x), aten_ops(deployed, x)
-    assert ours["convolution"] == theirs["convolution"], (ours, theirs)
-    assert sum(ours.values()) <= sum(theirs.values()), (ours - theirs, theirs - ours)
+    assert ours == theirs, (ours - theirs, theirs - ours)

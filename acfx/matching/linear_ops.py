@@ -133,7 +133,9 @@ def _arithmetic(node: fx.Node, constant: FrozenSet[fx.Node]) -> Optional[LinearO
         if len(tensors) == 2:
             return LinearOp(node, "add", tensors)
         if len(tensors) == 1 and isinstance(constants[0], (int, float)) and constants[0] == 0:
-            return LinearOp(node, "identity", tensors)  # RepVGG's "+ 0" where a block has no identity branch
+            # RepVGG's "+ 0" where a block has no identity branch; MobileOne's "0 + 0 + branch" where it has
+            # one branch: a sum the block's author wrote, so the block is re-parameterisable (a shift by 0)
+            return LinearOp(node, "shift", tensors, constant=0)
         return LinearOp(node, "shift", tensors, constant=constants[0]) if len(tensors) == 1 else None
     if target in _SUBS:
         if len(tensors) == 2:
