@@ -3,7 +3,8 @@
 A block is a shared padding of its input plus branches, summed. Each branch is data (:class:`Branch`):
 where it reads the shared input and the modules it runs on it, in order; the forward, the alternative
 forwards (stacked.py, recompute.py), fusion and the recorded layout all iterate the branches. The ACB of
-ACNet is the block with a k×k, a 1×k and a k×1 branch, each conv → BN.
+ACNet is the block with a k×k, a 1×k and a k×1 branch, each conv → BN; RepVGG's recipe adds a 1×1 conv →
+BN ("point") and a BN of the input itself ("identity", no conv).
 
 An ACB and its NormTail are a pair built together by expand. In training the block outputs the sum of its
 normalised branches and the tail passes it on (as a new tensor: the BN it replaces never returned its
@@ -96,6 +97,8 @@ class ACBlock(RecordedLayout):
     """
 
     __jit_unused_properties__ = ["offsets", "hor_crop", "ver_crop"]
+    # Branch modules TorchScript's forward reads by name (None where the block has no such branch).
+    _SCRIPTED = ("hor", "hor_bn", "ver", "ver_bn", "point", "point_bn", "identity_bn")
     __jit_ignored_attributes__ = ["plan", "_stages", "_crops"]
 
     def __init__(self, layout: BlockLayout, convs: Dict[str, nn.Module], norms: Dict[str, Optional[nn.Module]],
@@ -108,13 +111,16 @@ class ACBlock(RecordedLayout):
         stages: List[Tuple[str, ...]] = []
         for branch in layout.branches:
             conv, norm = convs.get(branch.name), norms.get(branch.name)
-            setattr(self, branch.name, conv)
+            if conv is not None:  # the identity branch has none: the input itself
+                setattr(self, branch.name, conv)
             setattr(self, branch.name + "_bn", norm)
-            stages.append((branch.name,) + ((branch.name + "_bn",) if norm is not None else ()))
-        for name in ("hor", "ver"):  # TorchScript reads absent ACB branches as None constants
+            stages.append(((branch.name,) if conv is not None else ()) + ((branch.name + "_bn",) if norm is not None
+                                                                          else ()))
+        for name in self._SCRIPTED:  # TorchScript reads absent branches as None constants
             if name not in self._modules:
                 setattr(self, name, None)
-                setattr(self, name + "_bn", None)
+        # The identity branch without a BN of its own (norm="sum") adds the input as it is.
+        self.plain_identity = layout.branch("identity") is not None and norms.get("identity") is None
         self._stages: Tuple[Tuple[str, ...], ...] = tuple(stages)
         # Each branch's crop of the shared input as (top, bottom, left, right): plain tuples, which compilers read.
         self._crops: Tuple[Tuple[int, int, int, int], ...] = tuple(_sides(b.crop) for b in layout.branches)
@@ -127,6 +133,8 @@ class ACBlock(RecordedLayout):
         no_crop = (0, 0, 0, 0)
         self.hor_sides = _sides(layout.branch("hor").crop) if layout.branch("hor") else no_crop
         self.ver_sides = _sides(layout.branch("ver").crop) if layout.branch("ver") else no_crop
+        self.point_sides = _sides(layout.branch("point").crop) if layout.branch("point") else no_crop
+        self.identity_sides = _sides(layout.branch("identity").crop) if layout.branch("identity") else no_crop
         # Outside the module tree (a tuple): not in state_dict, named_modules or .to().
         self._template = (template,) if template is not None else ()
         self._tail: tuple = ()  # the NormTail in the BN's slot, set by NormTail
@@ -153,6 +161,10 @@ class ACBlock(RecordedLayout):
         """The BN of the first branch (it shares the replaced BN's parameters and statistics), if any."""
         names = self._stages[0]
         return self._modules[names[1]] if len(names) > 1 else None
+
+    def has_norms(self) -> bool:
+        """Whether the branches have BNs of their own (norm="branch"), read off the first branch."""
+        return len(self._stages[0]) > 1
 
     @property
     def offsets(self) -> Dict[str, Tuple[int, int]]:
@@ -193,6 +205,15 @@ class ACBlock(RecordedLayout):
             if self.ver_bn is not None:
                 ver = self.ver_bn(ver)
             out = out + ver
+        if self.point is not None:
+            point = self.point(crop_sides(x, self.point_sides))
+            if self.point_bn is not None:
+                point = self.point_bn(point)
+            out = out + point
+        if self.identity_bn is not None:
+            out = out + self.identity_bn(crop_sides(x, self.identity_sides))
+        elif self.plain_identity:
+            out = out + crop_sides(x, self.identity_sides)
         return out
 
     @torch.jit.unused
@@ -259,9 +280,10 @@ class ACBlock(RecordedLayout):
         primary = self.primary_conv()
         shift = torch.zeros_like(primary.weight[:, 0, 0, 0])
         for names in self._stages:
-            conv = self._modules[names[0]]
-            norm = self._modules[names[1]] if len(names) > 1 else None
-            bias = conv.bias
+            modules = [self._modules[name] for name in names]
+            conv = modules[0] if modules and not _is_norm(modules[0]) else None
+            norm = modules[-1] if modules and _is_norm(modules[-1]) else None
+            bias = conv.bias if conv is not None else None
             if norm is None:
                 if bias is not None:
                     shift = shift + bias
@@ -291,14 +313,15 @@ class ACBlock(RecordedLayout):
     # -- checkpoints --------------------------------------------------------------------------------------
     def layout_values(self) -> List[int]:
         """How the branch kernels add up (BlockLayout.record), saved as the ``layout`` buffer."""
-        return self.plan.record({names[0]: len(names) > 1 for names in self._stages})
+        return self.plan.record({branch.name: branch.norm is not None or (branch.conv is None and bool(branch.modules))
+                                 for branch in self.branches()})
 
     def layout_problem(self, saved: torch.Tensor) -> Optional[str]:
         return layout_difference(saved, torch.tensor(self.layout_values()))
 
     def extra_repr(self) -> str:
         kinds = self.branch_names()[1:]
-        return f"branches={kinds}, bn_per_branch={any(len(names) > 1 for names in self._stages)}"
+        return f"branches={kinds}, bn_per_branch={self.has_norms()}"
 
 
 class NormTail(nn.Module):

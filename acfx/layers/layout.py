@@ -22,9 +22,13 @@ from .convs import is_dynamic_same
 from .geometry import Placement, Window, asym_offset, conv_window
 
 __all__ = ["ConvGeometry", "conv_geometry", "BranchLayout", "BlockLayout", "plan_block", "layout_difference",
-           "BRANCHES", "ASYMMETRIC", "RECORD_FIELDS"]
+           "BRANCHES", "ASYMMETRIC", "REPVGG", "RECORD_FIELDS"]
 
-BRANCHES = ("square", "hor", "ver")
+# ACNet's branches: the k×k conv, then 1×k and k×1. RepVGG's (a recipe's, see acfx/recipes.py): a 1×1 conv on
+# the kernel's centre, and the identity (the input itself, through a BN) on the same tap.
+ACB_BRANCHES = ("square", "hor", "ver")
+REPVGG = ("point", "identity")
+BRANCHES = ACB_BRANCHES + REPVGG
 ASYMMETRIC = ("hor", "ver")
 _SPLITS = {None: 0, "rows": 1, "cols": 2}
 _MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
@@ -108,9 +112,11 @@ class BlockLayout:
         buffer), so that a checkpoint loaded into a block built with other options is refused.
         """
         pad = self.pre_pad or Window()
-        values = [1, *self.kernel_size, int(self.pre_pad is not None), int(self.dynamic_same),
-                  *pad.pad_args(), _MODES.get(self.pre_pad_mode, 9)]
-        for name in BRANCHES:
+        # Version 1: ACNet's branches only (every checkpoint before recipes); 2: RepVGG's branches recorded too.
+        names = BRANCHES if any(self.branch(name) for name in REPVGG) else ACB_BRANCHES
+        values = [1 if names is ACB_BRANCHES else 2, *self.kernel_size, int(self.pre_pad is not None),
+                  int(self.dynamic_same), *pad.pad_args(), _MODES.get(self.pre_pad_mode, 9)]
+        for name in names:
             branch = self.branch(name)
             if branch is None:
                 values += [0] * 11
@@ -120,10 +126,10 @@ class BlockLayout:
         return values
 
 
-def _record_fields() -> Tuple[str, ...]:
+def _record_fields(names: Tuple[str, ...] = BRANCHES) -> Tuple[str, ...]:
     fields = ["version", "kernel_h", "kernel_w", "shared_pad", "dynamic_same", "pad_left", "pad_right",
               "pad_top", "pad_bottom", "pad_mode"]
-    for name in BRANCHES:
+    for name in names:
         fields += [f"{name}.{f}" for f in ("present", "bn", "row", "col", "h", "w", "split", "crop_left",
                                           "crop_right", "crop_top", "crop_bottom")]
     return tuple(fields)
@@ -155,21 +161,37 @@ def _native(name: str, part) -> Optional[BranchLayout]:
     return BranchLayout(name, kernel_size, window.crop(), (pad.top, pad.left), split, offset)
 
 
-def plan_block(geom: ConvGeometry, branches: str, placement: Placement) -> BlockLayout:
+def _centre_tap(geom: ConvGeometry, base: Window):
+    """Kernel size, window, split and offset of a 1×1 branch on the kernel's centre tap (for an even side, the
+    tap before the middle: any tap adds up exactly, this one is recorded)."""
+    kh, kw = geom.kernel_size
+    dh, dw = geom.dilation
+    row, col = (kh - 1) // 2, (kw - 1) // 2
+    shrink = Window(row * dh, (kh - 1 - row) * dh, col * dw, (kw - 1 - col) * dw)
+    return (1, 1), base - shrink, None, (row, col)
+
+
+def plan_block(geom: ConvGeometry, branches: str, placement: Placement, extra: tuple = ()) -> BlockLayout:
     """Layout of the ACB replacing a conv of geometry ``geom``.
 
-    ``branches`` is "both", "hor" or "ver"; ``placement`` is "centre" or "border".
+    ``branches`` is "both", "hor" or "ver" (ACNet's asymmetric branches; "none" for none); ``placement`` is
+    "centre" or "border"; ``extra``: RepVGG's branches to add, "point" (a 1×1 conv) and "identity" (the input
+    itself, read on the centre tap; the caller checks that channels and stride allow it).
     """
     base = geom.window if geom.window is not None else Window()
-    wanted = {"both": ("hor", "ver"), "hor": ("hor",), "ver": ("ver",)}[branches]
+    wanted = {"both": ("hor", "ver"), "hor": ("hor",), "ver": ("ver",), "none": ()}[branches]
     parts = {"square": (geom.kernel_size, base, None, (0, 0))}
     for name, axis in (("hor", "rows"), ("ver", "cols")):
         if name in wanted:
             parts[name] = _branch_windows(geom, base, placement, axis)
+    for name in REPVGG:
+        if name in extra:
+            parts[name] = _centre_tap(geom, base)
     zero_mode = geom.padding_mode == "zeros" or base.is_zero
     if geom.window is not None and zero_mode:
         native = tuple(_native(name, part) for name, part in parts.items())
-        if all(n is not None for n in native):
+        # The identity has no conv to pad with: natively it can only crop.
+        if all(n is not None for n in native) and all(n.padding == (0, 0) for n in native if n.name == "identity"):
             return BlockLayout(None, "zeros", False, native)
     # Pad the shared input with the conv's own padding; branches then only crop.
     shared = tuple(BranchLayout(name, k, base - window, (0, 0), split, offset)
@@ -178,7 +200,7 @@ def plan_block(geom: ConvGeometry, branches: str, placement: Placement) -> Block
     return BlockLayout(base, mode, geom.window is None, shared)
 
 
-_OPTION_HINTS = (("row", "placement"), ("col", "placement"), ("split", "placement"), ("present", "branches"),
+_OPTION_HINTS = (("row", "placement"), ("col", "placement"), ("split", "placement"), ("present", "branches / recipe"),
                  ("bn", "norm (or include_unnormed)"), ("h", "placement"), ("w", "placement"))
 
 
@@ -188,6 +210,10 @@ def layout_difference(saved: torch.Tensor, own: torch.Tensor) -> Optional[str]:
     saved_values, own_values = saved.flatten().tolist(), own.flatten().tolist()
     if saved_values == own_values:
         return None
+    if sorted(saved_values[:1] + own_values[:1]) == [1, 2]:
+        which = "ACNet's branches only" if saved_values[0] == 1 else "RepVGG's branches"
+        return (f"the checkpoint's block has {which}, this one {'does not' if saved_values[0] == 2 else 'has more'}: "
+                "expand with the recipe the checkpoint was trained with")
     if len(saved_values) != len(own_values) or saved_values[:1] != own_values[:1]:
         return "the checkpoint records a block layout of another acfx version; expand with that version"
     fields = [f for f, a, b in zip(RECORD_FIELDS, saved_values, own_values) if a != b]

@@ -198,14 +198,24 @@ class Alignment:
     window: Window
     # (row, column) of each map's kernel in it, in order.
     offsets: Tuple[Pair, ...]
+    # The dilation of the one map (a side of 1 takes any dilation: a 1×1 conv or the identity fits any).
+    dilation: Pair = (1, 1)
+
+
+def _dilation(maps: Sequence[ConvMap], axis: int) -> Optional[int]:
+    """The one dilation of ``maps`` along ``axis``, ignoring kernels of one tap there (None: they differ)."""
+    used = {m.dilation[axis] for m in maps if m.kernel_size[axis] > 1}
+    return used.pop() if len(used) == 1 else None if used else 1
 
 
 def align(maps: Sequence[ConvMap]) -> Union[Alignment, Inexact]:
     """How ``maps`` line up in one kernel, or why they do not (different stride, dilation, channels, windows)."""
-    for attr in ("stride", "dilation", "in_channels", "out_channels"):
+    for attr in ("stride", "in_channels", "out_channels"):
         if len({getattr(m, attr) for m in maps}) != 1:
             return Inexact(f"the maps differ in {attr.replace('_', ' ')}")
-    dilation = maps[0].dilation
+    dilation = (_dilation(maps, 0), _dilation(maps, 1))
+    if None in dilation:
+        return Inexact("the maps differ in dilation")
     rows = _align_axis([m.window.top for m in maps], [m.window.bottom for m in maps],
                        [m.kernel_size[0] for m in maps], dilation[0])
     cols = _align_axis([m.window.left for m in maps], [m.window.right for m in maps],
@@ -213,7 +223,7 @@ def align(maps: Sequence[ConvMap]) -> Union[Alignment, Inexact]:
     if rows is None or cols is None:
         return Inexact("the kernels do not fit in one sliding window (paddings, crops and kernel sizes disagree)")
     return Alignment((rows[1], cols[1]), Window(rows[2][0], rows[2][1], cols[2][0], cols[2][1]),
-                     tuple(zip(rows[0], cols[0])))
+                     tuple(zip(rows[0], cols[0])), dilation)
 
 
 def add(maps: Sequence[ConvMap]) -> Union[ConvMap, Inexact]:
@@ -229,7 +239,8 @@ def add(maps: Sequence[ConvMap]) -> Union[ConvMap, Inexact]:
         regrouped = m.with_groups(groups)
         if isinstance(regrouped, Inexact):
             return Inexact(f"maps of {sorted({m.groups for m in maps})} groups cannot be added into one conv")
-        parts.append(regrouped.embedded(aligned.kernel_size, offset))
+        # one dilation for all (a side of one tap takes any): the embedding grows the window by it
+        parts.append(dataclasses.replace(regrouped, dilation=aligned.dilation).embedded(aligned.kernel_size, offset))
     kernel = parts[0].kernel
     for part in parts[1:]:
         kernel = kernel + part.kernel
@@ -237,4 +248,4 @@ def add(maps: Sequence[ConvMap]) -> Union[ConvMap, Inexact]:
     bias = None
     for b in biases:
         bias = b if bias is None else bias + b
-    return ConvMap(kernel, bias, maps[0].stride, maps[0].dilation, groups, aligned.window)
+    return ConvMap(kernel, bias, maps[0].stride, aligned.dilation, groups, aligned.window)

@@ -91,12 +91,22 @@ def _online(conv: nn.Conv2d, opts: ExpandOptions) -> BuiltSite:
     return BuiltSite(block, None)
 
 
+def _repvgg_branches(conv: nn.Conv2d, opts: ExpandOptions) -> tuple:
+    """RepVGG's branches for ``conv`` under ``opts.recipe``: the 1×1 conv, and the identity where the conv
+    maps each channel onto itself position by position (as many channels out as in, stride 1)."""
+    if opts.recipe not in ("repvgg", "acb+repvgg"):
+        return ()
+    identity = conv.in_channels == conv.out_channels and tuple(conv.stride) == (1, 1)
+    return ("point", "identity") if identity else ("point",)
+
+
 def build_site(conv: nn.Conv2d, norm: Optional[nn.Module], opts: ExpandOptions) -> BuiltSite:
     """The ACB for ``conv`` (and the BN ``norm`` after it, if any) under ``opts``."""
     if opts.mode == "online":
         return _online(conv, opts)
     geom = conv_geometry(conv)
-    layout = plan_block(geom, opts.branches, opts.placement)
+    acb = opts.recipe in ("acb", "acb+repvgg")
+    layout = plan_block(geom, opts.branches if acb else "none", opts.placement, _repvgg_branches(conv, opts))
     square = layout.branch("square")
     assert square is not None and square.crop.is_zero, layout
     preserve = opts.init == "preserve"
@@ -105,7 +115,8 @@ def build_site(conv: nn.Conv2d, norm: Optional[nn.Module], opts: ExpandOptions) 
     norms: Dict[str, Optional[nn.Module]] = {
         "square": plain_norm(norm, opts.gamma_init) if (per_branch and norm is not None) else None}
     for branch in layout.branches[1:]:
-        convs[branch.name] = _asym(conv, branch, zero=preserve and not per_branch)
+        if branch.name != "identity":  # the identity branch is the input itself (and its BN)
+            convs[branch.name] = _asym(conv, branch, zero=preserve and not per_branch)
         if per_branch:
             source = norm if norm is not None else _unnormed_bn(conv)
             gamma = 0.0 if preserve else opts.gamma_init

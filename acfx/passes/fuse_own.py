@@ -36,7 +36,8 @@ class OwnFusion:
 
 
 def _kernels(block: ACBlock) -> str:
-    sizes = "+".join("x".join(map(str, getattr(block, n).kernel_size)) for n in block.branch_names())
+    sizes = "+".join("x".join(map(str, b.conv.kernel_size)) if b.conv is not None else "identity"
+                     for b in block.branches())
     return f"ACBlock {sizes} → conv {'x'.join(map(str, block.kernel_size))}"
 
 

@@ -16,13 +16,16 @@ import torch.nn as nn
 
 from .policies import FilterFn
 
-__all__ = ["ExpandOptions", "FilterFn", "Init", "Branches", "Norm", "Mode", "Placement", "check_leaf_modules"]
+__all__ = ["ExpandOptions", "FilterFn", "Init", "Branches", "Norm", "Mode", "Placement", "Recipe", "check_leaf_modules"]
 
 Init = Literal["scratch", "preserve"]
 Branches = Literal["both", "hor", "ver"]
 Norm = Literal["branch", "sum"]
 Mode = Literal["exact", "online"]
 Placement = Literal["centre", "border"]
+# Which branches a block sums: ACNet's (the k×k conv, 1×k and k×1), RepVGG's (the k×k conv, a 1×1 conv, and the
+# input itself through a BN where channels and stride allow), or both in one block.
+Recipe = Literal["acb", "repvgg", "acb+repvgg"]
 
 
 def _option(default, help: str = "", structural: bool = False, timm: bool = True):
@@ -51,6 +54,8 @@ class ExpandOptions:
     mode: Mode = _option("exact", "the paper's ACB, or online re-parameterisation", structural=True)
     placement: Placement = _option("centre", "asymmetric kernels on the centre row/column (the skeleton), or on "
                                    "the bottom row / right column (the paper's ablation)", structural=True)
+    recipe: Recipe = _option("acb", "the branches of each block: ACNet's 1×k and k×1, RepVGG's 1×1 and identity BN "
+                             "(where in/out channels match and the stride is 1), or both", structural=True)
     gamma_init: Optional[float] = _option(None, "initial γ of all three branch BNs with init='scratch'")
     include_unnormed: bool = _option(False, "also expand k×k convs that no BN follows (the collapsed conv gains a "
                                      "bias)", structural=True)
@@ -102,6 +107,12 @@ class ExpandOptions:
             value = getattr(self, field.name)
             if allowed and not (value is None and field.name == "norm") and value not in allowed:
                 raise ValueError(f"acfx.expand: {field.name}={value!r} is not one of {allowed}")
+        if self.recipe != "acb" and self.mode == "online":
+            raise ValueError(f"acfx.expand: mode='online' is the OREPA-style form of recipe='acb' only; "
+                             f"recipe={self.recipe!r} trains in mode='exact' (its online form is not built yet)")
+        if self.recipe == "repvgg" and self.branches != "both":
+            raise ValueError(f"acfx.expand: branches={self.branches!r} chooses ACNet's asymmetric branches, which "
+                             "recipe='repvgg' does not have; use recipe='acb+repvgg' to combine them")
         if self.gamma_init is not None:
             self._check_gamma()
         if self.filter_fn is not None and not callable(self.filter_fn):
