@@ -49,14 +49,25 @@ def _latency(models: List[str], *extra: str) -> Step:
                 appends_to="latency_gpu")
 
 
-# In the order of the plan: correctness first, then the training targets (issue 17), then latency.
-# torch.compile compiles each variant (and each batch size) apart: one model per compiled part.
+HEADLINE = ["resnet18", "resnet50", "efficientnet_b0", "repvgg_a2", "mobilenetv3_large_100"]
+
+# Part 0 first: the most evidence per device minute, one call of about 7 minutes, so that one lent device is
+# enough for the headline results. Then in the order of the plan: correctness, the training targets,
+# latency, the recipes and the rep-block deploy forms. torch.compile compiles each variant (and each batch
+# size) apart: one model per compiled part.
 PARTS = {
+    0: ("headline: latency and kernel lists of 5 models (eager, bf16, batch 1 and 64); the training step of "
+        "resnet18 in exact, online and the recipes; collapse beside the repositories' deploy forms",
+        [Step(["latency.py", "--models", *HEADLINE, "--modes", "eager", "--dtypes", "bf16", "--rounds", "9",
+               "--out", "{out}/latency_gpu", "--append"], 200, appends_to="latency_gpu"),
+         Step(["train.py", "--models", "resnet18", "--modes", "eager", "--rounds", "4", "--variants", "exact",
+               "online", "repvgg", "acb+repvgg", "--out", "{out}/train_gpu_headline"], 130),
+         Step(["rep_deploy.py", "--batch-sizes", "1", "64", "--rounds", "9", "--out", "{out}/rep_deploy_gpu"], 90)]),
     1: ("GPU-only checks: SyncBatchNorm under DDP/NCCL, fp16/bf16 autocast, torch.compile, stacked and recompute "
         "forwards on cuDNN", [Step(["gpu_checks.py", "--out", "{out}/gpu_checks.md"], 480)]),
-    2: ("training step, eager: resnet18/34/50, bf16 autocast, channels_last, batch 128, 224 px; base, every exact "
-        "implementation, online",
-        [Step(["train.py", "--models", "resnet18", "resnet34", "resnet50", "--modes", "eager",
+    2: ("training step, eager: resnet18/34, bf16 autocast, channels_last, batch 128, 224 px; base, every exact "
+        "implementation, online, the recipes",
+        [Step(["train.py", "--models", "resnet18", "resnet34", "--modes", "eager",
                "--out", "{out}/train_gpu_eager"], 500)]),
     3: ("training step, torch.compile: resnet18",
         [Step(["train.py", "--models", "resnet18", "--modes", "compile", "--rounds", "3",
@@ -70,6 +81,10 @@ PARTS = {
     7: ("latency, torch.compile, resnet50, bf16", [_latency(["resnet50"], "--modes", "compile", "--dtypes", "bf16")]),
     8: ("latency, torch.compile, efficientnet_b0, bf16",
         [_latency(["efficientnet_b0"], "--modes", "compile", "--dtypes", "bf16")]),
+    9: ("training step, eager: resnet50, every variant", [Step(["train.py", "--models", "resnet50", "--modes",
+                                                              "eager", "--out", "{out}/train_gpu_eager_resnet50"], 400)]),
+    10: ("collapse beside the repositories' deploy forms, fp32, batch 1/64, 15 rounds",
+         [Step(["rep_deploy.py", "--batch-sizes", "1", "64", "--rounds", "15", "--out", "{out}/rep_deploy_gpu"], 300)]),
 }
 
 

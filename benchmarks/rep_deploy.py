@@ -115,6 +115,7 @@ def write_markdown(payload: dict) -> str:
                      f"{'yes' if r['same_kernels'] else _difference(r['kernel_diff'])} ({count['acfx.collapse']}) | "
                      f"{count['unfused']} | "
                      f"{r['error_vs_unfused']:.1e} | {r['error_vs_deploy']:.1e} |")
+    lines += [f"\nNot run: {name} ({why})." for name, why in payload.get("skipped", {}).items()]
     return stamp("\n".join(lines) + "\n", env)
 
 
@@ -150,9 +151,14 @@ def _parse(argv):
 
 def main(argv=None) -> int:
     args = _parse(argv)
-    rows = []
+    rows, skipped = [], {}
     for name, (build, deploy) in _builders(args).items():
-        models = build_variants(build, deploy)
+        try:
+            models = build_variants(build, deploy)
+        except ImportError as error:  # ultralytics is a test dependency; a machine may not have it
+            skipped[name] = f"{type(error).__name__}: {error}"
+            print(f"{name}: skipped ({skipped[name]})", flush=True)
+            continue
         for batch in args.batch_sizes:
             row = measure(name, models, batch, args)
             rows.append(row)
@@ -162,7 +168,7 @@ def main(argv=None) -> int:
                   flush=True)
     env = collect(args.argv, __file__)
     payload = stamp({"environment": {"device": device_label(args.device, env), "img_size": args.img_size,
-                                     "rounds": args.rounds}, "rows": rows}, env)
+                                     "rounds": args.rounds}, "rows": rows, "skipped": skipped}, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
     args.out.with_suffix(".md").write_text(write_markdown(payload))

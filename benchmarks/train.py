@@ -5,8 +5,9 @@
 
 Modes: "base" (the original model), "exact" (acfx.expand: the paper's ACB, three convs and three BNs per
 site), "exact-stacked" (the same ACB computed as one conv, one BN and one sum: acfx.set_exact_impl),
-"exact-recompute" (the same branches, each conv→BN keeping only its input for backward) and "online"
-(acfx.expand(mode="online"): kernels merged at every forward, one conv per site). Each
+"exact-recompute" (the same branches, each conv→BN keeping only its input for backward), "online"
+(acfx.expand(mode="online"): kernels merged at every forward, one conv per site), and the recipes "repvgg"
+(k×k + 1×1 + identity BN per site) and "acb+repvgg" (all five branches). Each
 step is forward + backward + optimizer step, timed with benchmarks/timing.py (CUDA events around eager steps
 on the GPU, perf_counter on the CPU); the variants are interleaved round by round and the median kept; the
 base model is timed twice (noise floor). Beside each model, the FLOPs ratio expanded/base of a
@@ -40,18 +41,22 @@ GPU_MODELS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenetv
               "repvgg_a2"]
 CPU_MODELS = ["resnet18", "mobilenetv3_small_100", "regnety_002"]
 MODES = {"base": None, "exact": dict(mode="exact"), "exact-stacked": dict(mode="exact"),
-         "exact-recompute": dict(mode="exact"), "online": dict(mode="online")}
+         "exact-recompute": dict(mode="exact"), "online": dict(mode="online"),
+         "repvgg": dict(mode="exact", recipe="repvgg"), "acb+repvgg": dict(mode="exact", recipe="acb+repvgg")}
 IMPLS = {"exact-stacked": "stacked", "exact-recompute": "recompute"}
 
 
-def make(name: str, mode: str, device) -> nn.Module:
+MEMORY_FORMATS = {"channels_last": torch.channels_last, "contiguous": torch.contiguous_format}
+
+
+def make(name: str, mode: str, device, memory_format: torch.memory_format = torch.channels_last) -> nn.Module:
     torch.manual_seed(0)
     model = build_model(name)
     if MODES[mode] is not None:
         model = acfx.expand(model, **MODES[mode])
     if mode in IMPLS:
         acfx.set_exact_impl(model, IMPLS[mode])
-    return model.to(device=device, memory_format=torch.channels_last).train()
+    return model.to(device=device, memory_format=memory_format).train()
 
 
 def step_flops(name: str, mode: str, batch: int, size: int) -> int:
@@ -91,7 +96,7 @@ def _peak_memory(step, cuda: bool):
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-TRAINED = ("exact", "exact-stacked", "exact-recompute", "online")
+TRAINED = ("exact", "exact-stacked", "exact-recompute", "online", "repvgg", "acb+repvgg")
 
 
 def saved_activation_mib(model: nn.Module, x: torch.Tensor, dtype) -> float:
@@ -106,13 +111,14 @@ def measure(name: str, compile_model: bool, args) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     x = torch.randn(args.batch_size, 3, args.img_size, args.img_size, device=device)
-    x = x.to(memory_format=torch.channels_last)
+    x = x.to(memory_format=MEMORY_FORMATS[args.memory_format])
     y = torch.randint(0, 1000, (args.batch_size,), device=device)
-    names = ["base", "base (again)", *TRAINED]
+    names = ["base", "base (again)", *args.variants]
     steppers, timers, memory, activations = {}, {}, {}, {}
     for variant in names:  # one at a time for the memory reading, then all kept for interleaved timing
         mode = variant.split(" ")[0]
-        steppers[variant] = Stepper(make(name, mode, device), x, y, compile_model, args.dtype)
+        steppers[variant] = Stepper(make(name, mode, device, MEMORY_FORMATS[args.memory_format]), x, y, compile_model,
+                                    args.dtype)
         # A training step (optimizer included) is not captured in a CUDA graph: eager steps, CUDA events.
         timers[variant] = make_timer(steppers[variant], warmup=args.warmup, device=device, graph=False)
         memory[variant] = _peak_memory(steppers[variant], cuda)
@@ -120,10 +126,11 @@ def measure(name: str, compile_model: bool, args) -> dict:
             activations[variant] = saved_activation_mib(steppers[variant].model, x, args.dtype)
     stats = interleaved_medians(timers, args.rounds, repeats=args.steps)
     ms = {v: stats[v]["median_ms"] for v in names}
-    flops = {mode: step_flops(name, mode, 1, args.img_size) for mode in ("base", *TRAINED)}
+    flops = {mode: step_flops(name, mode, 1, args.img_size) for mode in ("base", *args.variants)}
     row = {"model": name, "mode": "compile" if compile_model else "eager", "ms": ms, "peak_mib": memory,
-           "saved_activation_mib": activations or None, "noise": noise_floor(stats, "base", "base (again)")}
-    for mode in TRAINED:
+           "saved_activation_mib": activations or None, "noise": noise_floor(stats, "base", "base (again)"),
+           "variants": list(args.variants)}
+    for mode in args.variants:
         row[f"{mode}/base"] = ms[mode] / ms["base"]
         row[f"{mode}_flops/base"] = flops[mode] / flops["base"]
         row[f"{mode}_mem/base"] = memory[mode] / memory["base"] if cuda else None
@@ -135,7 +142,7 @@ def write_markdown(payload: dict) -> str:
     env, rows = payload["environment"], payload["rows"]
     lines = ["# Training step: base vs ACNet exact (branches, stacked, recompute) vs online", "",
              f"{env['device']}, torch {env['torch']}, {env['date']}; batch {env['batch_size']} at {env['img_size']} "
-             f"px, {env['dtype']} autocast, channels_last, SGD; median of {env['rounds']} interleaved rounds of "
+             f"px, {env['dtype']} autocast, {env.get('memory_format', 'channels_last')}, SGD; median of {env['rounds']} interleaved rounds of "
              f"{env['steps']} steps. Ratios are to the base model measured in the same run; noise: the base model "
              "timed twice. FLOPs: forward + backward (torch.utils.flop_counter). Activations: bytes autograd "
              "keeps for backward in one forward (eager only). Peak memory: torch.cuda.max_memory_allocated "
@@ -148,10 +155,15 @@ def write_markdown(payload: dict) -> str:
         mem = "1.00" if r["peak_mib"].get("base") is not None else "n/a"
         lines.append(f"| {r['model']} | {r['mode']} | base | {r['ms']['base']:.1f} | 1.00 | {r['noise']:.3f} | "
                      f"1.00 | {act} | {mem} |")
-        for m in TRAINED:
+        for m in _variants(r):
             lines.append(f"| | | {m} | {r['ms'][m]:.1f} | {fmt(r[f'{m}/base'])} | | {fmt(r[f'{m}_flops/base'])} | "
                          f"{fmt(r.get(f'{m}_act/base'))} | {fmt(r[f'{m}_mem/base'])} |")
     return stamp("\n".join(lines) + "\n", env)
+
+
+def _variants(row: dict) -> list:
+    """The trained variants a row measured (rows written before --variants: every one it has)."""
+    return row.get("variants") or [m for m in TRAINED if f"{m}/base" in row]
 
 
 def write_plot(payload: dict, path) -> None:
@@ -161,12 +173,13 @@ def write_plot(payload: dict, path) -> None:
 
     rows = payload["rows"]
     labels = [f"{r['model']}\n{r['mode']}" for r in rows]
-    width = 0.8 / len(TRAINED)
+    shown = [m for m in TRAINED if any(m in _variants(r) for r in rows)]
+    width = 0.8 / len(shown)
     width_in = max(6, 1.3 * len(rows))
     fig, ax = plt.subplots(figsize=(width_in, 3.8))
-    for i, mode in enumerate(TRAINED):
+    for i, mode in enumerate(shown):
         xs = [x - 0.4 + width * (i + 0.5) for x in range(len(rows))]
-        ax.bar(xs, [r[f"{mode}/base"] for r in rows], width, label=f"{mode} / base")
+        ax.bar(xs, [r.get(f"{mode}/base", float("nan")) for r in rows], width, label=f"{mode} / base")
         if mode == "exact":
             ax.plot(xs, [r["exact_flops/base"] for r in rows], "k_", ms=14, label="FLOPs ratio (exact)")
     ax.axhline(1.0, color="k", lw=0.5)
@@ -192,6 +205,12 @@ def main(argv=None) -> int:
     parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--steps", type=int, default=None, help="steps per measurement")
     parser.add_argument("--warmup", type=int, default=3)
+    parser.add_argument("--variants", nargs="+", choices=TRAINED, default=list(TRAINED),
+                        help="the trained variants timed beside the base model (default: all)")
+    parser.add_argument("--memory-format", choices=list(MEMORY_FORMATS), default="channels_last",
+                        help="of the models and the input (default: channels_last; torch 2.14.1 on the CPU crashes in "
+                             "the backward of a channels_last 1x1 stride-2 conv of 3 or 4 channels, which the "
+                             "repvgg recipe builds beside a strided RGB stem: use contiguous there)")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
     cpu = args.cpu or not torch.cuda.is_available()
@@ -208,11 +227,13 @@ def main(argv=None) -> int:
         for mode in args.modes:
             row = measure(name, mode == "compile", args)
             rows.append(row)
-            ratios = "  ".join(f"{m}/base {row[f'{m}/base']:.2f}" for m in TRAINED)
-            print(f"{name:24s} {mode:7s} base {row['ms']['base']:8.1f} ms  {ratios} (noise {row['noise']:.3f}) "
-                  f"FLOPs exact/base {row['exact_flops/base']:.2f}", flush=True)
+            ratios = "  ".join(f"{m}/base {row[f'{m}/base']:.2f} (FLOPs {row[f'{m}_flops/base']:.2f})"
+                               for m in args.variants)
+            print(f"{name:24s} {mode:7s} base {row['ms']['base']:8.1f} ms  {ratios} (noise {row['noise']:.3f})",
+                  flush=True)
     env = collect(argv, __file__)
     payload = stamp({"environment": {"device": device_label(args.device, env), "batch_size": args.batch_size,
+                                     "memory_format": args.memory_format,
                                      "img_size": args.img_size, "rounds": args.rounds, "steps": args.steps,
                                      "dtype": str(args.dtype).replace("torch.", "")},
                      "rows": rows}, env)
