@@ -22,6 +22,7 @@ import torch.fx as fx
 import torch.nn as nn
 
 from .linear_ops import LinearOp, constant_nodes, linear_op
+from .module_stacks import call_keys, common_prefix
 from .tracing import mutates
 
 __all__ = ["LinearRegion", "find_linear_regions"]
@@ -148,10 +149,6 @@ def _escape(nodes: Set[fx.Node], output: fx.Node, live: Set[fx.Node]) -> Optiona
     return None
 
 
-def _stack_keys(node: fx.Node) -> List[str]:
-    return list(node.meta.get("nn_module_stack", {}))
-
-
 def _anchors(ops: List[LinearOp], constants: Set[fx.Node]) -> List[fx.Node]:
     """The nodes that make a region a re-parameterisation: sums, constant shifts and scales, convs of a weight
     the forward computes."""
@@ -162,13 +159,7 @@ def _anchors(ops: List[LinearOp], constants: Set[fx.Node]) -> List[fx.Node]:
 def _within(members: Set[fx.Node], anchors: List[fx.Node]) -> Set[fx.Node]:
     """The members inside the innermost module that runs all the anchors (a block's region stops at its
     boundary: what computes its input is the model's own, what follows its output too)."""
-    stacks = [_stack_keys(a) for a in anchors]
-    common = stacks[0]
-    for stack in stacks[1:]:
-        n = 0
-        while n < min(len(common), len(stack)) and common[n] == stack[n]:
-            n += 1
-        common = common[:n]
+    common = common_prefix([call_keys(a) for a in anchors])
     if not common:
         return set(members)
     key = common[-1]

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from ..layers.geometry import Window
 from ..layers.padding import PAD_MODULES, DynamicSamePad2d
+from .module_stacks import common_prefix
 
 __all__ = ["PreOp", "Scope", "ScopeIndex", "pre_op_of"]
 
@@ -85,16 +86,6 @@ def _stack(node: fx.Node) -> List[Tuple[str, str]]:
     return [(key, value[0]) for key, value in node.meta.get("nn_module_stack", {}).items()]
 
 
-def _common_prefix(stacks: List[List[Tuple[str, str]]]) -> List[Tuple[str, str]]:
-    prefix = stacks[0]
-    for stack in stacks[1:]:
-        n = 0
-        while n < min(len(prefix), len(stack)) and prefix[n] == stack[n]:
-            n += 1
-        prefix = prefix[:n]
-    return prefix
-
-
 class ScopeIndex:
     """The live nodes of a traced part, by each module call whose forward ran them: built once, so that
     locating every match costs the size of its module, not of the model."""
@@ -116,7 +107,7 @@ class ScopeIndex:
     def locate(self, region) -> Scope:
         """The module whose forward holds ``region`` (a LinearRegion), whole or with more code around it."""
         nodes = region.node_set
-        prefix = _common_prefix([_stack(n) for n in nodes])
+        prefix = common_prefix([_stack(n) for n in nodes])
         key, name = prefix[-1] if prefix else (None, "")
         body = tuple(self.calls if key is None else self.by_key.get(key, ()))
         inside = set(body)

@@ -128,6 +128,15 @@ class TracedPart:
     constants: Dict[str, torch.Tensor] = dataclasses.field(default_factory=dict)
     _live: Optional[Set[fx.Node]] = dataclasses.field(default=None, repr=False)
 
+    def attribute(self, target: str):
+        """What a ``get_attr`` target of the graph names: a constant of the trace, else the module's attribute."""
+        if target in self.constants:
+            return self.constants[target]
+        obj = self.module
+        for name in target.split("."):
+            obj = getattr(obj, name)
+        return obj
+
     def qualify(self, target: str) -> str:
         """The name in the whole model of a module the part's graph calls as ``target``."""
         if not target:

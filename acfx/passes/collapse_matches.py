@@ -17,6 +17,7 @@ from ..layers.block import ACBlock
 from ..layers.hooks import carry_hooks, hook_reason, hooks_of
 from ..layers.linear_map import Inexact
 from ..matching.find_linear_regions import LinearRegion, find_linear_regions
+from ..matching.module_stacks import call_keys, common_prefix
 from ..matching.scope import Scope, ScopeIndex
 from ..matching.traced_model import TracedModel
 from ..matching.tracing import TracedPart, module_calls
@@ -155,13 +156,7 @@ def _fuse(region: LinearRegion, scope: Scope, part: TracedPart, block: nn.Module
 
 def _call_key(region: LinearRegion) -> Optional[str]:
     """The call key (fx's nn_module_stack) of the module call whose forward holds the region."""
-    stacks = [list(n.meta.get("nn_module_stack", {})) for n in region.nodes]
-    common = stacks[0]
-    for stack in stacks[1:]:
-        n = 0
-        while n < min(len(common), len(stack)) and common[n] == stack[n]:
-            n += 1
-        common = common[:n]
+    common = common_prefix([call_keys(n) for n in region.nodes])
     return common[-1] if common else None
 
 

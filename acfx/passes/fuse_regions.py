@@ -166,7 +166,7 @@ def rewritten_forward(part: TracedPart, scope: Scope, rewrites: Sequence[Rewrite
         if node.op in ("call_module", "get_attr"):
             copied.target = _relative(node.target, prefix)
             owner = part.module.get_submodule(node.target) if node.op == "call_module" else None
-            holders[copied.target] = owner if owner is not None else _attribute(part, node.target)
+            holders[copied.target] = owner if owner is not None else part.attribute(node.target)
         env[node] = copied
     graph.output(env[outputs[0]])
     module = fx.GraphModule(holders, graph, class_name=type(block).__name__)
@@ -196,10 +196,3 @@ def _child_calls(body: Sequence[fx.Node], key: str, touched) -> Union[Dict[fx.No
         for node in nodes:
             calls[node] = (name, inputs[0], outputs[0])
     return calls
-def _attribute(part: TracedPart, target: str):
-    if target in part.constants:
-        return part.constants[target]
-    obj = part.module
-    for name in target.split("."):
-        obj = getattr(obj, name)
-    return obj

@@ -42,14 +42,6 @@ class _Form:
     window: Window = Window()
 
 
-def _fetch(part: TracedPart, target: str):
-    if target in part.constants:
-        return part.constants[target]
-    obj = part.module
-    for name in target.split("."):
-        obj = getattr(obj, name)
-    return obj
-
 
 def evaluate_constants(part: TracedPart, nodes, dtype: torch.dtype) -> Dict[fx.Node, object]:
     """The values of constant nodes (parameters, buffers and what the forward computes from them), once."""
@@ -59,7 +51,7 @@ def evaluate_constants(part: TracedPart, nodes, dtype: torch.dtype) -> Dict[fx.N
             args = fx.node.map_arg(node.args, values.__getitem__)
             kwargs = fx.node.map_arg(node.kwargs, values.__getitem__)
             if node.op == "get_attr":
-                value = _fetch(part, node.target)
+                value = part.attribute(node.target)
                 if isinstance(value, torch.Tensor):
                     value = value.detach().to(dtype) if value.is_floating_point() else value.detach()
             elif node.op == "call_function":
