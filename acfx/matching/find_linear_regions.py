@@ -289,14 +289,7 @@ def _after_shared_stem(start: fx.Node, end: fx.Node, inside: Set[fx.Node], ops, 
         if not used_outside:
             return start, inside
         candidate = used_outside[0]
-        members: Set[fx.Node] = set()
-        stack = [end]
-        while stack:
-            node = stack.pop()
-            if node in members or node is candidate or node not in inside:
-                continue
-            members.add(node)
-            stack.extend(ops[node].inputs)
+        members = _upstream([end], inside, ops, stop=candidate)
         outside_inputs = {i for n in members for i in ops[n].inputs if i not in members}
         if outside_inputs != {candidate} or not members:
             return start, inside  # not a stem every branch shares: the escape is reported
