@@ -11,6 +11,7 @@ collapse and what they build and swap in), ``acfx.tools`` (command line, checkpo
 from .layers.block import ACBlock, NormTail
 from .layers.online import OnlineACConv
 from .layers.padding import DynamicSamePad2d
+from .layers.recipe import RECIPES, Recipe
 from .layers.split_conv import EvenSplitConv2d
 from .passes.collapse import collapse
 from .passes.expand import expand
@@ -35,6 +36,8 @@ __all__ = [
     "EvenSplitConv2d",
     "DynamicSamePad2d",
     "ExpandOptions",
+    "Recipe",
+    "RECIPES",
     "Report",
     "Entry",
 ]

@@ -10,6 +10,8 @@ benchmarks/results/coverage_<source>.json and .md.
     python benchmarks/coverage.py --filter 'resnet*' --workers 4 --budget 300
     python benchmarks/coverage.py --min-params 4e8 --max-params 2e9 --batch-size 1 --merge
                                                        # the largest ones apart, into the same table
+    python benchmarks/coverage.py --recipe dbb --every 10 --pairs-from benchmarks/results/coverage_timm.json
+                                                       # a recipe on every 10th model, pairs found before
 
 Each model runs in a worker process with a time budget; a model over budget, or one that crashes its
 worker, is recorded as such and the sweep goes on.
@@ -76,7 +78,7 @@ def _input_size(name: str, img_size: int) -> tuple:
     return native, fixed
 
 
-def _run_one(name: str, img_size: int, batch_size: int, include_unnormed: bool) -> dict:
+def _run_one(name: str, img_size: int, batch_size: int, expand_kwargs: dict) -> dict:
     import torch
 
     from acfx.tools.diagnostics import check_round_trip
@@ -97,7 +99,7 @@ def _run_one(name: str, img_size: int, batch_size: int, include_unnormed: bool) 
             record = {"status": "error", "failure": f"plain model fails at {tuple(size)}: "
                                                     f"{type(error).__name__}: {str(error)[:200]}"}
             continue
-        result = check_round_trip(name, lambda: build_model(name), x, include_unnormed=include_unnormed)
+        result = check_round_trip(name, lambda: build_model(name), x, **expand_kwargs)
         return _record(result, size)
     return record
 
@@ -128,7 +130,7 @@ def _record(result, size) -> dict:
 
 
 def _worker(tasks, results, threads: int, budget: int, img_size: int, batch_size: int,
-            include_unnormed: bool) -> None:
+            expand_kwargs: dict) -> None:
     import warnings
 
     import torch
@@ -144,7 +146,7 @@ def _worker(tasks, results, threads: int, budget: int, img_size: int, batch_size
         signal.alarm(budget)
         start = time.perf_counter()
         try:
-            rec = _pairs_on_meta(name) if phase == "detect" else _run_one(name, img_size, batch_size, include_unnormed)
+            rec = _pairs_on_meta(name) if phase == "detect" else _run_one(name, img_size, batch_size, expand_kwargs)
         except _Timeout:
             rec = {"status": "timeout", "failure": f"over the {budget} s budget"}
         except Exception as error:
@@ -173,7 +175,7 @@ def run_pool(phase: str, names, args) -> dict:
         tasks.put((phase, name))
     budget = args.detect_budget if phase == "detect" else args.budget
     spawn = lambda: ctx.Process(target=_worker, args=(tasks, results, args.threads, budget, args.img_size,  # noqa
-                                                      args.batch_size, args.include_unnormed), daemon=True)
+                                                      args.batch_size, expand_kwargs(args)), daemon=True)
     workers = [spawn() for _ in range(args.workers)]
     for w in workers:
         w.start()
@@ -218,6 +220,25 @@ def _reap(workers, running, records, spawn, budget, bar) -> None:
                 bar.update(1)
         workers[i] = spawn()
         workers[i].start()
+
+
+def expand_kwargs(args) -> dict:
+    """The expand options of the sweep (the defaults: ACNet's block)."""
+    return dict(include_unnormed=args.include_unnormed, recipe=args.recipe, mode=args.mode)
+
+
+def default_stem(args) -> Path:
+    """benchmarks/results/coverage_<source>, with the recipe and mode when they are not the defaults."""
+    suffix = ("" if args.recipe == "acb" else "_" + args.recipe.replace("+", "_")) + \
+        ("" if args.mode == "exact" else "_" + args.mode)
+    return RESULTS / f"coverage_{args.source}{suffix}"
+
+
+def _detected_before(path: str, names: list) -> dict:
+    """The conv→BN pairs a previous sweep found (its meta_ fields), for the names it has; the others: none."""
+    rows = json.loads(Path(path).read_text())["results"]
+    return {n: ({k.removeprefix("meta_"): v for k, v in rows[n].items() if k.startswith("meta_")} if n in rows
+                else {"pairs": 0}) for n in names}
 
 
 def _candidates(args) -> list:
@@ -271,7 +292,16 @@ def main(argv=None) -> int:
     parser.add_argument("--large", type=float, default=100e6,
                         help="models with more parameters run one at a time, budget doubled (default: 1e8)")
     parser.add_argument("--include-unnormed", action="store_true", help="expand convs without BN too")
-    parser.add_argument("--out", default=None, help="output stem (default: benchmarks/results/coverage_<source>)")
+    from acfx.passes.options import ExpandOptions
+    parser.add_argument("--recipe", choices=ExpandOptions.choices("recipe"), default="acb",
+                        help="the recipe expand builds (default: acb)")
+    parser.add_argument("--mode", choices=ExpandOptions.choices("mode"), default="exact")
+    parser.add_argument("--every", type=int, default=1,
+                        help="every N-th model with a conv→BN pair, in name order (default: 1, all)")
+    parser.add_argument("--pairs-from", default=None, metavar="JSON",
+                        help="take the conv→BN pairs from a previous sweep's results instead of finding them")
+    parser.add_argument("--out", default=None, help="output stem (default: benchmarks/results/coverage_<source>, "
+                                                    "_<recipe>_<mode> added where not the defaults)")
     parser.add_argument("--merge", action="store_true",
                         help="replace this run's models in the existing results at --out (and re-count), "
                              "instead of writing a new table")
@@ -280,11 +310,16 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
 
     names = _candidates(args)
-    print(f"{len(names)} {args.source} models; finding conv→BN pairs", flush=True)
-    detected = run_pool("detect", names, args)
-    with_pairs = [n for n in names if detected[n].get("pairs")]
+    if args.pairs_from:
+        print(f"{len(names)} {args.source} models; conv→BN pairs from {args.pairs_from}", flush=True)
+        detected = _detected_before(args.pairs_from, names)
+    else:
+        print(f"{len(names)} {args.source} models; finding conv→BN pairs", flush=True)
+        detected = run_pool("detect", names, args)
+    all_pairs = [n for n in names if detected[n].get("pairs")]
+    with_pairs = all_pairs[::args.every]
     if args.write_archs:
-        write_arch_list(with_pairs, args.write_archs)
+        write_arch_list(all_pairs, args.write_archs)
         return 0
     if args.min_params:
         with_pairs = [n for n in with_pairs if detected[n].get("params", 0) >= args.min_params]
@@ -304,11 +339,11 @@ def main(argv=None) -> int:
                       **checked.get(name, {"status": "not run", "failure": f"over --max-params "
                                                                             f"({detected[name]['params']:,} parameters)"})}
     undetected = {n: detected[n] for n in names if detected[n].get("status") in ("error", "timeout", "crash")}
-    stem = Path(args.out) if args.out else RESULTS / f"coverage_{args.source}"
+    stem = Path(args.out) if args.out else default_stem(args)
     stem.parent.mkdir(parents=True, exist_ok=True)
     from environment import collect, stamp
     payload = stamp({"environment": {"device": "cpu"}, "args": vars(args), "models_listed": len(names),
-                     "with_conv_bn_pair": len(with_pairs), "detection_failures": undetected, "results": rows},
+                     "with_conv_bn_pair": len(all_pairs), "detection_failures": undetected, "results": rows},
                     collect(argv, __file__))
     if args.merge:
         payload = _merged(stem.with_suffix(".json"), payload)

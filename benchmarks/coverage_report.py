@@ -46,7 +46,10 @@ def _failure_text(row: dict) -> str:
 def write_markdown(payload: dict) -> str:
     env, rows = payload["environment"], payload["results"]
     statuses = collections.Counter(r["status"] for r in rows.values())
-    lines = [f"# acfx coverage: {payload['args']['source']}", "",
+    recipe, mode = payload["args"].get("recipe", "acb"), payload["args"].get("mode", "exact")
+    form = "" if (recipe, mode) == ("acb", "exact") else f", recipe {recipe}" + ("" if mode == "exact" else f" ({mode})")
+    every = payload["args"].get("every", 1)
+    lines = [f"# acfx coverage: {payload['args']['source']}{form}", "",
              f"{env['date']}, torch {env['torch']}, torchvision {env['torchvision']}, timm {env['timm']}, "
              f"Python {env['python']}, {env['machine']} CPU ({env['cpu_count']} cores), float32, "
              f"input {payload['args']['img_size']} px unless the model has a fixed size, "
@@ -56,7 +59,9 @@ def write_markdown(payload: dict) -> str:
                   f"{', '.join(run['models'])}, batch {run['args']['batch_size']}, "
                   f"up to {run['args']['max_params']:.0e} parameters.", ""]
     lines += [f"{payload['models_listed']} models listed, {payload['with_conv_bn_pair']} with a conv→BN pair "
-              "(found by tracing each model on the meta device).", "", "| status | models |", "| --- | --- |"]
+              "(found by tracing each model on the meta device)" +
+              (f"; every {every}th of them in name order is checked here ({len(rows)} models)." if every > 1 else ".")
+              , "", "| status | models |", "| --- | --- |"]
     lines += [f"| {s} | {n} |" for s, n in statuses.most_common()]
     passing = [r for r in rows.values() if r["status"] == "pass"]
     if passing:

@@ -55,6 +55,8 @@ HEADLINE = ["resnet18", "resnet50", "efficientnet_b0", "repvgg_a2", "mobilenetv3
 # enough for the headline results. Then in the order of the plan: correctness, the training targets,
 # latency, the recipes and the rep-block deploy forms. torch.compile compiles each variant (and each batch
 # size) apart: one model per compiled part.
+# The variants of the parts written before DBB and MobileOne (those have a part of their own, 11).
+_FIRST_VARIANTS = ["--variants", "exact", "exact-stacked", "exact-recompute", "online", "repvgg", "acb+repvgg"]
 PARTS = {
     0: ("headline: latency and kernel lists of 5 models (eager, bf16, batch 1 and 64); the training step of "
         "resnet18 in exact, online and the recipes; collapse beside the repositories' deploy forms",
@@ -67,13 +69,13 @@ PARTS = {
         "forwards on cuDNN", [Step(["gpu_checks.py", "--out", "{out}/gpu_checks.md"], 480)]),
     2: ("training step, eager: resnet18/34, bf16 autocast, channels_last, batch 128, 224 px; base, every exact "
         "implementation, online, the recipes",
-        [Step(["train.py", "--models", "resnet18", "resnet34", "--modes", "eager",
+        [Step(["train.py", "--models", "resnet18", "resnet34", "--modes", "eager", *_FIRST_VARIANTS,
                "--out", "{out}/train_gpu_eager"], 500)]),
     3: ("training step, torch.compile: resnet18",
-        [Step(["train.py", "--models", "resnet18", "--modes", "compile", "--rounds", "3",
+        [Step(["train.py", "--models", "resnet18", "--modes", "compile", "--rounds", "3", *_FIRST_VARIANTS,
                "--out", "{out}/train_gpu_compile_resnet18"], 520)]),
     4: ("training step, torch.compile: resnet34",
-        [Step(["train.py", "--models", "resnet34", "--modes", "compile", "--rounds", "3",
+        [Step(["train.py", "--models", "resnet34", "--modes", "compile", "--rounds", "3", *_FIRST_VARIANTS,
                "--out", "{out}/train_gpu_compile_resnet34"], 520)]),
     5: ("latency, eager, 6 models: batch 1 and 64, fp32/fp16/bf16, kernel lists compared",
         [_latency(LATENCY_A, "--modes", "eager")]),
@@ -81,10 +83,16 @@ PARTS = {
     7: ("latency, torch.compile, resnet50, bf16", [_latency(["resnet50"], "--modes", "compile", "--dtypes", "bf16")]),
     8: ("latency, torch.compile, efficientnet_b0, bf16",
         [_latency(["efficientnet_b0"], "--modes", "compile", "--dtypes", "bf16")]),
-    9: ("training step, eager: resnet50, every variant", [Step(["train.py", "--models", "resnet50", "--modes",
-                                                              "eager", "--out", "{out}/train_gpu_eager_resnet50"], 400)]),
+    9: ("training step, eager: resnet50, the variants of part 2", [Step(["train.py", "--models", "resnet50", "--modes",
+                                                                       "eager", *_FIRST_VARIANTS,
+                                                                       "--out", "{out}/train_gpu_eager_resnet50"], 400)]),
     10: ("collapse beside the repositories' deploy forms, fp32, batch 1/64, 15 rounds",
          [Step(["rep_deploy.py", "--batch-sizes", "1", "64", "--rounds", "15", "--out", "{out}/rep_deploy_gpu"], 300)]),
+    11: ("training step, eager: resnet18/34 with DBB's and MobileOne's recipes and the recipes' online forms "
+         "beside base and ACB",
+         [Step(["train.py", "--models", "resnet18", "resnet34", "--modes", "eager", "--rounds", "4", "--variants",
+                "exact", "dbb", "mobileone", "online-repvgg", "online-dbb", "online-mobileone",
+                "--out", "{out}/train_gpu_recipes"], 480)]),
 }
 
 

@@ -7,7 +7,9 @@ Modes: "base" (the original model), "exact" (acfx.expand: the paper's ACB, three
 site), "exact-stacked" (the same ACB computed as one conv, one BN and one sum: acfx.set_exact_impl),
 "exact-recompute" (the same branches, each conv→BN keeping only its input for backward), "online"
 (acfx.expand(mode="online"): kernels merged at every forward, one conv per site), and the recipes "repvgg"
-(k×k + 1×1 + identity BN per site) and "acb+repvgg" (all five branches). Each
+(k×k + 1×1 + identity BN per site), "acb+repvgg" (all five branches), "dbb" (k×k, 1×1, 1×1→k×k and
+1×1→average, each with its BN) and "mobileone" (four k×k branches, 1×1 and identity BN), and the online
+forms of the last three ("online-repvgg", "online-dbb", "online-mobileone": one merged conv per site). Each
 step is forward + backward + optimizer step, timed with benchmarks/timing.py (CUDA events around eager steps
 on the GPU, perf_counter on the CPU); the variants are interleaved round by round and the median kept; the
 base model is timed twice (noise floor). Beside each model, the FLOPs ratio expanded/base of a
@@ -42,7 +44,10 @@ GPU_MODELS = ["resnet18", "resnet34", "resnet50", "efficientnet_b0", "mobilenetv
 CPU_MODELS = ["resnet18", "mobilenetv3_small_100", "regnety_002"]
 MODES = {"base": None, "exact": dict(mode="exact"), "exact-stacked": dict(mode="exact"),
          "exact-recompute": dict(mode="exact"), "online": dict(mode="online"),
-         "repvgg": dict(mode="exact", recipe="repvgg"), "acb+repvgg": dict(mode="exact", recipe="acb+repvgg")}
+         "repvgg": dict(mode="exact", recipe="repvgg"), "acb+repvgg": dict(mode="exact", recipe="acb+repvgg"),
+         "dbb": dict(mode="exact", recipe="dbb"), "mobileone": dict(mode="exact", recipe="mobileone"),
+         "online-repvgg": dict(mode="online", recipe="repvgg"), "online-dbb": dict(mode="online", recipe="dbb"),
+         "online-mobileone": dict(mode="online", recipe="mobileone")}
 IMPLS = {"exact-stacked": "stacked", "exact-recompute": "recompute"}
 
 
@@ -96,7 +101,8 @@ def _peak_memory(step, cuda: bool):
     return torch.cuda.max_memory_allocated() / 2**20
 
 
-TRAINED = ("exact", "exact-stacked", "exact-recompute", "online", "repvgg", "acb+repvgg")
+TRAINED = ("exact", "exact-stacked", "exact-recompute", "online", "repvgg", "acb+repvgg", "dbb", "mobileone",
+           "online-repvgg", "online-dbb", "online-mobileone")
 
 
 def saved_activation_mib(model: nn.Module, x: torch.Tensor, dtype) -> float:

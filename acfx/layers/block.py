@@ -17,7 +17,7 @@ BN's slot mean the same before and after collapse. Each of the pair can fuse its
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 import torch.fx._symbolic_trace as _fx_trace
@@ -32,6 +32,10 @@ from .linear_map import Inexact, add
 from .module_copies import hollow_copy
 from .norms import fusion_dtype
 from .padding import crop_sides
+from .recipe import MAX_BRANCHES
+
+# ACBlock's TorchScript forward spells out the repeated k×k branches square_1 … square_7.
+assert MAX_BRANCHES == 8
 from .recorded_layout import RecordedLayout
 from .stage_maps import branch_map
 
@@ -98,43 +102,43 @@ class ACBlock(RecordedLayout):
 
     __jit_unused_properties__ = ["offsets", "hor_crop", "ver_crop"]
     # Branch modules TorchScript's forward reads by name (None where the block has no such branch).
-    _SCRIPTED = ("hor", "hor_bn", "ver", "ver_bn", "point", "point_bn", "identity_bn")
+    _SCRIPTED = ("square_bn", "hor", "hor_bn", "ver", "ver_bn", "point", "point_bn", "identity_bn", "chain_pre", "chain_pre_bn",
+                 "chain", "chain_bn", "avg_pre", "avg_pre_bn", "avg", "avg_bn") + tuple(
+                     f"square_{i}{bn}" for i in range(1, MAX_BRANCHES) for bn in ("", "_bn"))
     __jit_ignored_attributes__ = ["plan", "_stages", "_crops"]
 
-    def __init__(self, layout: BlockLayout, convs: Dict[str, nn.Module], norms: Dict[str, Optional[nn.Module]],
+    def __init__(self, layout: BlockLayout, stages: Mapping[str, Sequence[Tuple[str, nn.Module]]],
                  pad: Optional[nn.Module] = None, template: Optional[nn.Module] = None) -> None:
+        """``stages``: for each branch of ``layout`` (by name), its modules with their names in the block, in
+        the order the branch runs them (the first branch's first module is the conv the block replaces)."""
         super().__init__()
         self.impl = "branches"
         self.pad = pad
         self.plan = layout
         # Each branch's module names in the block, in the order the branch runs them.
-        stages: List[Tuple[str, ...]] = []
+        names: List[Tuple[str, ...]] = []
         for branch in layout.branches:
-            conv, norm = convs.get(branch.name), norms.get(branch.name)
-            if conv is not None:  # the identity branch has none: the input itself
-                setattr(self, branch.name, conv)
-            setattr(self, branch.name + "_bn", norm)
-            stages.append(((branch.name,) if conv is not None else ()) + ((branch.name + "_bn",) if norm is not None
-                                                                          else ()))
+            for name, module in stages.get(branch.name, ()):
+                self.add_module(name, module)
+            names.append(tuple(name for name, _ in stages.get(branch.name, ())))
         for name in self._SCRIPTED:  # TorchScript reads absent branches as None constants
             if name not in self._modules:
                 setattr(self, name, None)
         # The identity branch without a BN of its own (norm="sum") adds the input as it is.
-        self.plain_identity = layout.branch("identity") is not None and norms.get("identity") is None
-        self._stages: Tuple[Tuple[str, ...], ...] = tuple(stages)
+        self.plain_identity = layout.branch("identity") is not None and not stages.get("identity")
+        self._stages: Tuple[Tuple[str, ...], ...] = tuple(names)
         # Each branch's crop of the shared input as (top, bottom, left, right): plain tuples, which compilers read.
         self._crops: Tuple[Tuple[int, int, int, int], ...] = tuple(_sides(b.crop) for b in layout.branches)
         # The geometry of the conv this block computes, for code that reads it off the module in the slot
         # (timm's ConvNormAct.in_channels, ...). There is no single ``weight``: see fused() / fuse().
-        square = convs[layout.branches[0].name]
+        square = self._modules[names[0][0]]
         self.in_channels, self.out_channels = square.in_channels, square.out_channels
         self.kernel_size: Tuple[int, int] = tuple(layout.kernel_size)
         self.stride, self.dilation, self.groups = tuple(square.stride), tuple(square.dilation), square.groups
-        no_crop = (0, 0, 0, 0)
-        self.hor_sides = _sides(layout.branch("hor").crop) if layout.branch("hor") else no_crop
-        self.ver_sides = _sides(layout.branch("ver").crop) if layout.branch("ver") else no_crop
-        self.point_sides = _sides(layout.branch("point").crop) if layout.branch("point") else no_crop
-        self.identity_sides = _sides(layout.branch("identity").crop) if layout.branch("identity") else no_crop
+        for name in ("hor", "ver", "point", "identity", "chain", "avg") + tuple(f"square_{i}" for i in
+                                                                               range(1, MAX_BRANCHES)):
+            branch = layout.branch(name)
+            setattr(self, name + "_sides", _sides(branch.crop) if branch is not None else (0, 0, 0, 0))
         # Outside the module tree (a tuple): not in state_dict, named_modules or .to().
         self._template = (template,) if template is not None else ()
         self._tail: tuple = ()  # the NormTail in the BN's slot, set by NormTail
@@ -189,31 +193,82 @@ class ACBlock(RecordedLayout):
         return self._eager_forward(x)
 
     def _scripted_forward(self, x: torch.Tensor) -> torch.Tensor:
-        """The ACB's branches written out for TorchScript, which cannot iterate named children."""
+        """The branches written out for TorchScript, which cannot iterate named children nor pass modules."""
         if self.pad is not None:
             x = self.pad(x)
         out = self.square(x)
         if self.square_bn is not None:
             out = self.square_bn(out)
+        if self.square_1 is not None:
+            y = self.square_1(crop_sides(x, self.square_1_sides))
+            if self.square_1_bn is not None:
+                y = self.square_1_bn(y)
+            out = out + y
+        if self.square_2 is not None:
+            y = self.square_2(crop_sides(x, self.square_2_sides))
+            if self.square_2_bn is not None:
+                y = self.square_2_bn(y)
+            out = out + y
+        if self.square_3 is not None:
+            y = self.square_3(crop_sides(x, self.square_3_sides))
+            if self.square_3_bn is not None:
+                y = self.square_3_bn(y)
+            out = out + y
+        if self.square_4 is not None:
+            y = self.square_4(crop_sides(x, self.square_4_sides))
+            if self.square_4_bn is not None:
+                y = self.square_4_bn(y)
+            out = out + y
+        if self.square_5 is not None:
+            y = self.square_5(crop_sides(x, self.square_5_sides))
+            if self.square_5_bn is not None:
+                y = self.square_5_bn(y)
+            out = out + y
+        if self.square_6 is not None:
+            y = self.square_6(crop_sides(x, self.square_6_sides))
+            if self.square_6_bn is not None:
+                y = self.square_6_bn(y)
+            out = out + y
+        if self.square_7 is not None:
+            y = self.square_7(crop_sides(x, self.square_7_sides))
+            if self.square_7_bn is not None:
+                y = self.square_7_bn(y)
+            out = out + y
         if self.hor is not None:
-            hor = self.hor(crop_sides(x, self.hor_sides))
+            y = self.hor(crop_sides(x, self.hor_sides))
             if self.hor_bn is not None:
-                hor = self.hor_bn(hor)
-            out = out + hor
+                y = self.hor_bn(y)
+            out = out + y
         if self.ver is not None:
-            ver = self.ver(crop_sides(x, self.ver_sides))
+            y = self.ver(crop_sides(x, self.ver_sides))
             if self.ver_bn is not None:
-                ver = self.ver_bn(ver)
-            out = out + ver
+                y = self.ver_bn(y)
+            out = out + y
         if self.point is not None:
-            point = self.point(crop_sides(x, self.point_sides))
+            y = self.point(crop_sides(x, self.point_sides))
             if self.point_bn is not None:
-                point = self.point_bn(point)
-            out = out + point
+                y = self.point_bn(y)
+            out = out + y
         if self.identity_bn is not None:
             out = out + self.identity_bn(crop_sides(x, self.identity_sides))
         elif self.plain_identity:
             out = out + crop_sides(x, self.identity_sides)
+        if self.chain is not None:
+            y = self.chain_pre(crop_sides(x, self.chain_sides))
+            if self.chain_pre_bn is not None:
+                y = self.chain_pre_bn(y)
+            y = self.chain(y)
+            if self.chain_bn is not None:
+                y = self.chain_bn(y)
+            out = out + y
+        if self.avg is not None:
+            y = self.avg_pre(crop_sides(x, self.avg_sides))
+            if self.avg_pre_bn is not None:
+                y = self.avg_pre_bn(y)
+            y = self.avg(y)
+            if self.avg_bn is not None:
+                y = self.avg_bn(y)
+            out = out + y
         return out
 
     @torch.jit.unused
@@ -275,12 +330,20 @@ class ACBlock(RecordedLayout):
         return summed.kernel, summed.bias
 
     def eval_shift(self) -> torch.Tensor:
-        """The per-channel shift of the eval output [C_out] (Σ β − (μ − b)·γ/σ over the branches), in the
-        block's dtype. Plain tensor arithmetic, so that export and compile see through it."""
+        """The per-channel shift of the eval output [C_out] (the bias of the one conv the branches make), in the
+        block's dtype. Plain tensor arithmetic, so that export and compile see through it: Σ β − (μ − b)·γ/σ
+        over conv(→BN) branches; a longer branch (DBB's) gives the bias of its map."""
         primary = self.primary_conv()
         shift = torch.zeros_like(primary.weight[:, 0, 0, 0])
-        for names in self._stages:
+        for names, crop in zip(self._stages, self.plan.branches):
             modules = [self._modules[name] for name in names]
+            if len(modules) > 2 or (len(modules) == 2 and _is_norm(modules[0])):
+                found = branch_map(modules, names, crop.crop, self.in_channels, primary.weight)
+                if isinstance(found, Inexact):
+                    raise AssertionError(f"acfx internal error: branch {names} is not linear: {found.reason}")
+                if found.bias is not None:
+                    shift = shift + found.bias
+                continue
             conv = modules[0] if modules and not _is_norm(modules[0]) else None
             norm = modules[-1] if modules and _is_norm(modules[-1]) else None
             bias = conv.bias if conv is not None else None
@@ -313,7 +376,7 @@ class ACBlock(RecordedLayout):
     # -- checkpoints --------------------------------------------------------------------------------------
     def layout_values(self) -> List[int]:
         """How the branch kernels add up (BlockLayout.record), saved as the ``layout`` buffer."""
-        return self.plan.record({branch.name: branch.norm is not None or (branch.conv is None and bool(branch.modules))
+        return self.plan.record({branch.name: bool(branch.modules) and _is_norm(branch.modules[-1])
                                  for branch in self.branches()})
 
     def layout_problem(self, saved: torch.Tensor) -> Optional[str]:

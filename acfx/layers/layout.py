@@ -13,23 +13,28 @@ read these records, and :meth:`BlockLayout.record` is what a checkpoint stores o
 from __future__ import annotations
 
 import dataclasses
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
 
 from .convs import is_dynamic_same
 from .geometry import Placement, Window, asym_offset, conv_window
+from .recipe import BRANCH_KINDS
 
 __all__ = ["ConvGeometry", "conv_geometry", "BranchLayout", "BlockLayout", "plan_block", "layout_difference",
-           "BRANCHES", "ASYMMETRIC", "REPVGG", "RECORD_FIELDS"]
+           "BRANCHES", "ASYMMETRIC", "REPVGG", "RECORD_FIELDS", "branch_names", "record_fields"]
 
-# ACNet's branches: the k×k conv, then 1×k and k×1. RepVGG's (a recipe's, see acfx/recipes.py): a 1×1 conv on
-# the kernel's centre, and the identity (the input itself, through a BN) on the same tap.
+# ACNet's branches: the k×k conv, then 1×k and k×1. RepVGG's (a recipe's, see recipe.py): a 1×1 conv on the
+# kernel's centre, and the identity (the input itself, through a BN) on the same tap.
 ACB_BRANCHES = ("square", "hor", "ver")
 REPVGG = ("point", "identity")
 BRANCHES = ACB_BRANCHES + REPVGG
 ASYMMETRIC = ("hor", "ver")
+# Branch kinds reading the k×k conv's whole window (another k×k conv, DBB's 1×1 → k×k and 1×1 → average).
+_FULL_WINDOW = ("square", "chain", "avg")
+# The kind of each branch in a version 3 record (any recipe: repeated k×k branches, DBB's kinds).
+KIND_CODES = {kind: code for code, kind in enumerate(BRANCH_KINDS, start=1)}
 _SPLITS = {None: 0, "rows": 1, "cols": 2}
 _MODES = {"zeros": 0, "reflect": 1, "replicate": 2, "circular": 3}
 
@@ -69,6 +74,11 @@ class BranchLayout:
     offset: Tuple[int, int] = (0, 0)
 
     @property
+    def kind(self) -> str:
+        """The branch kind (recipe.py): the name without the number of a repeated k×k branch."""
+        return self.name.split("_")[0]
+
+    @property
     def span(self) -> Tuple[int, int]:
         """The size of the kernel the branch convolves with (2 lines when split)."""
         h, w = self.kernel_size
@@ -106,37 +116,61 @@ class BlockLayout:
         return Window(ph, ph, pw, pw)
 
     def record(self, normed: Dict[str, bool]) -> List[int]:
-        """The integers that decide how the branches' kernels add up, in ``RECORD_FIELDS`` order.
+        """The integers that decide how the branches' kernels add up (``record_fields`` names them).
 
-        ``normed``: which branches have a BN of their own. Saved with the weights (ACBlock's ``layout``
-        buffer), so that a checkpoint loaded into a block built with other options is refused.
+        ``normed``: which branches end in a BN of their own. Saved with the weights (ACBlock's ``layout``
+        buffer), so that a checkpoint loaded into a block built with other options is refused. Version 1:
+        ACNet's branches only (every checkpoint before recipes); 2: RepVGG's branches too; 3: any recipe,
+        each branch recorded by its kind, in order.
         """
         pad = self.pre_pad or Window()
-        # Version 1: ACNet's branches only (every checkpoint before recipes); 2: RepVGG's branches recorded too.
-        names = BRANCHES if any(self.branch(name) for name in REPVGG) else ACB_BRANCHES
-        values = [1 if names is ACB_BRANCHES else 2, *self.kernel_size, int(self.pre_pad is not None),
-                  int(self.dynamic_same), *pad.pad_args(), _MODES.get(self.pre_pad_mode, 9)]
-        for name in names:
+        names = [b.name for b in self.branches]
+        version = 1 if set(names) <= set(ACB_BRANCHES) else 2 if set(names) <= set(BRANCHES) else 3
+        values = [version, *self.kernel_size, int(self.pre_pad is not None), int(self.dynamic_same),
+                  *pad.pad_args(), _MODES.get(self.pre_pad_mode, 9)]
+        if version == 3:
+            values.append(len(self.branches))
+            for branch in self.branches:
+                values += [KIND_CODES[branch.kind], *self._branch_values(branch, normed)]
+            return values
+        for name in ACB_BRANCHES if version == 1 else BRANCHES:
             branch = self.branch(name)
-            if branch is None:
-                values += [0] * 11
-                continue
-            values += [1, int(normed.get(name, False)), *branch.offset, *branch.span, _SPLITS[branch.split],
-                       *branch.crop.pad_args()]
+            values += [0] * 11 if branch is None else [1, *self._branch_values(branch, normed)]
         return values
 
+    @staticmethod
+    def _branch_values(branch: BranchLayout, normed: Dict[str, bool]) -> List[int]:
+        return [int(normed.get(branch.name, False)), *branch.offset, *branch.span, _SPLITS[branch.split],
+                *branch.crop.pad_args()]
 
-def _record_fields(names: Tuple[str, ...] = BRANCHES) -> Tuple[str, ...]:
-    fields = ["version", "kernel_h", "kernel_w", "shared_pad", "dynamic_same", "pad_left", "pad_right",
-              "pad_top", "pad_bottom", "pad_mode"]
-    for name in names:
-        fields += [f"{name}.{f}" for f in ("present", "bn", "row", "col", "h", "w", "split", "crop_left",
-                                          "crop_right", "crop_top", "crop_bottom")]
+
+_BRANCH_FIELDS = ("bn", "row", "col", "h", "w", "split", "crop_left", "crop_right", "crop_top", "crop_bottom")
+_HEADER = ("version", "kernel_h", "kernel_w", "shared_pad", "dynamic_same", "pad_left", "pad_right", "pad_top",
+           "pad_bottom", "pad_mode")
+
+
+def record_fields(values: List[int]) -> Tuple[str, ...]:
+    """The name of each integer of a record (``BlockLayout.record``), read off its version and kinds."""
+    if values[:1] != [3]:
+        names = ACB_BRANCHES if values[:1] == [1] else BRANCHES
+        return _HEADER + tuple(f"{n}.{f}" for n in names for f in ("present",) + _BRANCH_FIELDS)
+    fields = list(_HEADER) + ["branch_count"]
+    for i in range(len(values[len(fields):]) // (len(_BRANCH_FIELDS) + 1)):
+        fields += [f"branch{i}.{f}" for f in ("kind",) + _BRANCH_FIELDS]
     return tuple(fields)
 
 
-# Field names of BlockLayout.record(), for messages about a mismatch.
-RECORD_FIELDS = _record_fields()
+def _recorded_kinds(values: List[int]) -> List[str]:
+    """The branch kinds a record holds, in order."""
+    if values[:1] != [3]:
+        names = ACB_BRANCHES if values[:1] == [1] else BRANCHES
+        return [n for i, n in enumerate(names) if values[len(_HEADER) + 11 * i] == 1]
+    kinds = {code: kind for kind, code in KIND_CODES.items()}
+    return [kinds.get(values[i], "?") for i in range(len(_HEADER) + 1, len(values), len(_BRANCH_FIELDS) + 1)]
+
+
+# Field names of a version 2 record, for messages about a mismatch.
+RECORD_FIELDS = record_fields([2])
 
 
 def _branch_windows(geom: ConvGeometry, base: Window, placement: Placement, axis: str):
@@ -171,12 +205,27 @@ def _centre_tap(geom: ConvGeometry, base: Window):
     return (1, 1), base - shrink, None, (row, col)
 
 
-def plan_block(geom: ConvGeometry, branches: str, placement: Placement, extra: tuple = ()) -> BlockLayout:
+def branch_names(kinds: Sequence[str]) -> List[str]:
+    """Each branch's name in a block, from the kinds in order: a repeated k×k branch is numbered
+    (``square_1``, ...; the conv's own is ``square``), the other kinds are their own names."""
+    names, squares = [], 0
+    for kind in kinds:
+        if kind == "square":
+            names.append("square" if squares == 0 else f"square_{squares}")
+            squares += 1
+        else:
+            names.append(kind)
+    return names
+
+
+def plan_block(geom: ConvGeometry, branches: str, placement: Placement, extra: Sequence[str] = ()) -> BlockLayout:
     """Layout of the ACB replacing a conv of geometry ``geom``.
 
     ``branches`` is "both", "hor" or "ver" (ACNet's asymmetric branches; "none" for none); ``placement`` is
-    "centre" or "border"; ``extra``: RepVGG's branches to add, "point" (a 1×1 conv) and "identity" (the input
-    itself, read on the centre tap; the caller checks that channels and stride allow it).
+    "centre" or "border"; ``extra``: the kinds of the recipe's other branches, in order (recipe.py): "square"
+    (another k×k conv), "point" (a 1×1 conv on the centre tap), "identity" (the input itself, read on the
+    centre tap; the caller checks that channels and stride allow it), "chain" and "avg" (DBB's, reading the
+    k×k window through a 1×1 conv that pads).
     """
     base = geom.window if geom.window is not None else Window()
     wanted = {"both": ("hor", "ver"), "hor": ("hor",), "ver": ("ver",), "none": ()}[branches]
@@ -184,9 +233,8 @@ def plan_block(geom: ConvGeometry, branches: str, placement: Placement, extra: t
     for name, axis in (("hor", "rows"), ("ver", "cols")):
         if name in wanted:
             parts[name] = _branch_windows(geom, base, placement, axis)
-    for name in REPVGG:
-        if name in extra:
-            parts[name] = _centre_tap(geom, base)
+    for name, kind in zip(branch_names(("square",) + tuple(extra))[1:], extra):
+        parts[name] = (geom.kernel_size, base, None, (0, 0)) if kind in _FULL_WINDOW else _centre_tap(geom, base)
     zero_mode = geom.padding_mode == "zeros" or base.is_zero
     if geom.window is not None and zero_mode:
         native = tuple(_native(name, part) for name, part in parts.items())
@@ -210,16 +258,19 @@ def layout_difference(saved: torch.Tensor, own: torch.Tensor) -> Optional[str]:
     saved_values, own_values = saved.flatten().tolist(), own.flatten().tolist()
     if saved_values == own_values:
         return None
-    if sorted(saved_values[:1] + own_values[:1]) == [1, 2]:
-        which = "ACNet's branches only" if saved_values[0] == 1 else "RepVGG's branches"
-        return (f"the checkpoint's block has {which}, this one {'does not' if saved_values[0] == 2 else 'has more'}: "
-                "expand with the recipe the checkpoint was trained with")
+    if saved_values[:1] not in ([1], [2], [3]):
+        return "the checkpoint records a block layout of another acfx version; expand with that version"
+    saved_kinds, own_kinds = _recorded_kinds(saved_values), _recorded_kinds(own_values)
+    if saved_kinds != own_kinds:
+        return (f"the checkpoint's block has the branches {saved_kinds}, this one {own_kinds}: expand with the "
+                "recipe (and branches, kxk_branches) the checkpoint was trained with")
     if len(saved_values) != len(own_values) or saved_values[:1] != own_values[:1]:
         return "the checkpoint records a block layout of another acfx version; expand with that version"
-    fields = [f for f, a, b in zip(RECORD_FIELDS, saved_values, own_values) if a != b]
+    names = record_fields(own_values)
+    fields = [f for f, a, b in zip(names, saved_values, own_values) if a != b]
     options = sorted({hint for f in fields for key, hint in _OPTION_HINTS if f.endswith("." + key)})
     fix = (f"expand with the {' / '.join(options)} the checkpoint was trained with" if options else
            "the model's convs differ from those of training (padding, kernel size)")
-    details = ", ".join(f"{f} {a} (checkpoint) vs {b} (model)" for f, a, b in zip(RECORD_FIELDS, saved_values,
-                                                                                  own_values) if a != b)
+    details = ", ".join(f"{f} {a} (checkpoint) vs {b} (model)" for f, a, b in zip(names, saved_values, own_values)
+                        if a != b)
     return f"the checkpoint's branches add up differently from this block's ({details}): {fix}"

@@ -71,25 +71,28 @@ def _norm_class(module: nn.Module):
     return nn.SyncBatchNorm if sync else nn.BatchNorm2d
 
 
-def _like(module: nn.Module, affine: Optional[bool] = None) -> nn.Module:
-    """A new plain BN with the configuration of ``module`` (affine, eps, momentum, process group)."""
+def _like(module: nn.Module, affine: Optional[bool] = None, features: Optional[int] = None) -> nn.Module:
+    """A new plain BN with the configuration of ``module`` (affine, eps, momentum, process group), of
+    ``features`` channels (default: as many as ``module``)."""
     cls = _norm_class(module)
     kwargs = dict(eps=module.eps, momentum=module.momentum, affine=module.affine if affine is None else affine,
                   track_running_stats=module.track_running_stats)
     if cls is nn.SyncBatchNorm:
         kwargs["process_group"] = module.process_group
     ref = module.weight if module.affine else module.running_mean
-    new = cls(module.num_features, device=ref.device, dtype=ref.dtype, **kwargs)
+    new = cls(module.num_features if features is None else features, device=ref.device, dtype=ref.dtype, **kwargs)
     new.train(module.training)
     return new
 
 
-def branch_norm(module: nn.Module, gamma: Optional[float], beta: Optional[float] = None) -> nn.Module:
-    """A fresh BN for an asymmetric branch, configured like ``module``, γ/β set when given.
+def branch_norm(module: nn.Module, gamma: Optional[float], beta: Optional[float] = None,
+                features: Optional[int] = None) -> nn.Module:
+    """A fresh BN for a new branch, configured like ``module``, γ/β set when given; ``features`` channels (for
+    a BN inside a branch, DBB's after its 1×1 conv; default: as many as ``module``).
 
     Setting γ/β needs affine parameters, so the branch BN has them then even if ``module`` has none.
     """
-    new = _like(module, affine=True if (gamma is not None or beta is not None) else None)
+    new = _like(module, affine=True if (gamma is not None or beta is not None) else None, features=features)
     if new.affine:
         with torch.no_grad():
             if gamma is not None:

@@ -6,7 +6,7 @@ far; a module that is not linear in eval, or not one acfx knows, gives the reaso
 """
 from __future__ import annotations
 
-from typing import Optional, Union
+from typing import Optional, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -17,7 +17,7 @@ from .linear_map import ConvMap, Inexact, compose
 from .norms import foldable_norm, norm_affine
 from .split_conv import EvenSplitConv2d
 
-__all__ = ["conv_map", "apply_module", "branch_map"]
+__all__ = ["conv_map", "pool_map", "apply_module", "branch_map"]
 
 
 def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None, any_mode: bool = False) -> Union[ConvMap, Inexact]:
@@ -43,14 +43,37 @@ def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None, any_mode: boo
     return ConvMap(kernel, bias, tuple(conv.stride), tuple(conv.dilation), conv.groups, window)
 
 
-def apply_module(current: Optional[ConvMap], module: nn.Module, name: str, like: torch.Tensor
-                 ) -> Union[ConvMap, Inexact, None]:
-    """The map after ``module`` runs on the output of ``current`` (None: on the branch's input itself).
+def _pair(value) -> Tuple[int, int]:
+    return (value, value) if isinstance(value, int) else tuple(value)
+
+
+def pool_map(pool: nn.AvgPool2d, channels: int, like: torch.Tensor) -> Union[ConvMap, Inexact]:
+    """An nn.AvgPool2d on ``channels`` channels as a depthwise conv, when it is one (the zeros of its padding
+    counted, no ceil mode, no divisor of its own)."""
+    if not pool.count_include_pad or pool.ceil_mode or pool.divisor_override is not None:
+        return Inexact("average pooling with count_include_pad=False, ceil_mode or a divisor_override is not a "
+                       "convolution")
+    return ConvMap.avg_pool(channels, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
+                            _pair(pool.padding), like)
+
+
+def apply_module(current: Optional[ConvMap], module: nn.Module, name: str, like: torch.Tensor,
+                 channels: Optional[int] = None) -> Union[ConvMap, Inexact, None]:
+    """The map after ``module`` runs on the output of ``current`` (None: on the branch's input itself, of
+    ``channels`` channels).
 
     ``like``: a tensor of the dtype and device to compute in; ``name``: the module's name, for messages.
     """
     if isinstance(module, nn.Identity):
         return current
+    if isinstance(module, nn.AvgPool2d):
+        width = current.out_channels if current is not None else channels
+        if width is None:
+            return Inexact(f"{name}: average pooling of an input whose channels are not known")
+        step = pool_map(module, width, like)
+        if isinstance(step, Inexact) or current is None:
+            return _named(step, name)
+        return _named(compose(current, step), name)
     if isinstance(module, (nn.Conv2d, EvenSplitConv2d)):
         step = conv_map(module, like.dtype)
         if isinstance(step, Inexact):
@@ -73,7 +96,7 @@ def branch_map(modules, names, crop: Window, channels: int, like: torch.Tensor) 
     """The map of a branch that crops the block's input by ``crop`` and runs ``modules`` on it in order."""
     current: Optional[ConvMap] = None
     for module, name in zip(modules, names):
-        current = apply_module(current, module, name, like)
+        current = apply_module(current, module, name, like, channels)
         if isinstance(current, Inexact):
             return current
     if current is None:

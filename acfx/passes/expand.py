@@ -87,11 +87,17 @@ def expand(model: nn.Module, options: Optional[ExpandOptions] = None, *, inplace
             * ``filter_fn``: ``filter_fn(conv_module, qualified_name) -> bool``; only convs it accepts are
               expanded.
             * ``leaf_modules``: extra module classes the tracer must not trace into.
-            * ``mode``: "exact" (default): the paper's ACB, three convs and their BNs per site. "online": a
-              different, cheaper recipe (OREPA, CVPR 2022): the branches get learnable per-channel scales
+            * ``recipe``: which branches each block sums beside the k×k conv: "acb" (default, ACNet's 1×k
+              and k×1), "repvgg" (a 1×1 conv, and a BN of the input where channels and stride allow), "dbb"
+              (a 1×1 conv, 1×1 → k×k and 1×1 → average pooling), "mobileone" (more k×k convs, a 1×1 conv
+              and the identity BN), "acb+repvgg", "acb+dbb", or an :class:`~acfx.Recipe` of branch kinds.
+            * ``kxk_branches``: the number of k×k branches per block, the conv's own included (default:
+              the recipe's; "mobileone" 4).
+            * ``mode``: "exact" (default): the recipe's branches, each conv with its BN. "online": a
+              different, cheaper form (OREPA, CVPR 2022): the branches get learnable per-channel scales
               instead of BNs, their kernels are merged at every forward into one k×k conv
               (:class:`~acfx.OnlineACConv`), and the original BN stays after it. ``init="preserve"`` starts
-              the asymmetric scales at 0; ``gamma_init`` sets the initial scales.
+              the new branches' scales at 0; ``gamma_init`` sets the initial scales.
         inplace: rewrite ``model`` itself instead of a deep copy. On error the model is left as it was.
         return_report: also return a :class:`~acfx.Report` of every conv found: expanded, or skipped and why.
 

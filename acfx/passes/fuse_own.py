@@ -35,9 +35,20 @@ class OwnFusion:
     gained_bias: bool = False
 
 
+def _branch_kernels(branch) -> str:
+    """A branch as the kernels it runs: "3x3", "1x1→3x3" (DBB's chain), "1x1→avg3x3", "identity"."""
+    steps = []
+    for module in branch.modules:
+        size = getattr(module, "kernel_size", None)
+        if size is None:
+            continue
+        size = (size, size) if isinstance(size, int) else size
+        steps.append(("avg" if isinstance(module, nn.AvgPool2d) else "") + "x".join(map(str, size)))
+    return "→".join(steps) or "identity"
+
+
 def _kernels(block: ACBlock) -> str:
-    sizes = "+".join("x".join(map(str, b.conv.kernel_size)) if b.conv is not None else "identity"
-                     for b in block.branches())
+    sizes = "+".join(_branch_kernels(b) for b in block.branches())
     return f"ACBlock {sizes} → conv {'x'.join(map(str, block.kernel_size))}"
 
 

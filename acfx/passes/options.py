@@ -10,22 +10,23 @@ import dataclasses
 import math
 import numbers
 import typing
-from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type
+from typing import Any, Dict, List, Literal, Mapping, Optional, Sequence, Tuple, Type, Union
 
 import torch.nn as nn
 
+from ..layers.recipe import MAX_BRANCHES, RECIPES, Recipe
 from .policies import FilterFn
 
-__all__ = ["ExpandOptions", "FilterFn", "Init", "Branches", "Norm", "Mode", "Placement", "Recipe", "check_leaf_modules"]
+__all__ = ["ExpandOptions", "FilterFn", "Init", "Branches", "Norm", "Mode", "Placement", "RecipeName",
+           "check_leaf_modules"]
 
 Init = Literal["scratch", "preserve"]
 Branches = Literal["both", "hor", "ver"]
 Norm = Literal["branch", "sum"]
 Mode = Literal["exact", "online"]
 Placement = Literal["centre", "border"]
-# Which branches a block sums: ACNet's (the k×k conv, 1×k and k×1), RepVGG's (the k×k conv, a 1×1 conv, and the
-# input itself through a BN where channels and stride allow), or both in one block.
-Recipe = Literal["acb", "repvgg", "acb+repvgg"]
+# Which branches a block sums, by name (acfx.layers.recipe.RECIPES; an acfx.Recipe record for any other).
+RecipeName = Literal["acb", "repvgg", "acb+repvgg", "dbb", "acb+dbb", "mobileone"]
 
 
 def _option(default, help: str = "", structural: bool = False, timm: bool = True):
@@ -54,8 +55,13 @@ class ExpandOptions:
     mode: Mode = _option("exact", "the paper's ACB, or online re-parameterisation", structural=True)
     placement: Placement = _option("centre", "asymmetric kernels on the centre row/column (the skeleton), or on "
                                    "the bottom row / right column (the paper's ablation)", structural=True)
-    recipe: Recipe = _option("acb", "the branches of each block: ACNet's 1×k and k×1, RepVGG's 1×1 and identity BN "
-                             "(where in/out channels match and the stride is 1), or both", structural=True)
+    recipe: Union[RecipeName, Recipe] = _option(
+        "acb", "the branches of each block: ACNet's 1×k and k×1; RepVGG's 1×1 and identity BN (where in/out channels "
+        "match and the stride is 1); DBB's 1×1, 1×1→k×k and 1×1→average (average where the conv has no dilation); "
+        "MobileOne's k×k branches, 1×1 and identity BN; '+' two in one block; or an acfx.Recipe", structural=True)
+    kxk_branches: Optional[int] = _option(None, f"k×k conv→BN branches per block, the conv's own included (1 to "
+                                          f"{MAX_BRANCHES}; default: the recipe's, mobileone 4, the others 1)",
+                                          structural=True)
     gamma_init: Optional[float] = _option(None, "initial γ of all three branch BNs with init='scratch'")
     include_unnormed: bool = _option(False, "also expand k×k convs that no BN follows (the collapsed conv gains a "
                                      "bias)", structural=True)
@@ -77,6 +83,13 @@ class ExpandOptions:
         if typing.get_origin(hint) is typing.Union:  # Optional[Literal[...]]
             hint = next(a for a in typing.get_args(hint) if a is not type(None))
         return typing.get_args(hint) if typing.get_origin(hint) is Literal else ()
+
+    @classmethod
+    def value_type(cls, name: str) -> type:
+        """The plain type of an option that is not a choice (``Optional[int]``: int)."""
+        hint = typing.get_type_hints(cls)[name]
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        return args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
 
     @classmethod
     def resolve(cls, options: Optional["ExpandOptions"], overrides: Mapping[str, object], verb: str = "expand"
@@ -105,14 +118,13 @@ class ExpandOptions:
         for field in dataclasses.fields(self):
             allowed = self.choices(field.name)
             value = getattr(self, field.name)
+            if isinstance(value, Recipe) and field.name == "recipe":
+                continue
             if allowed and not (value is None and field.name == "norm") and value not in allowed:
-                raise ValueError(f"acfx.expand: {field.name}={value!r} is not one of {allowed}")
-        if self.recipe != "acb" and self.mode == "online":
-            raise ValueError(f"acfx.expand: mode='online' is the OREPA-style form of recipe='acb' only; "
-                             f"recipe={self.recipe!r} trains in mode='exact' (its online form is not built yet)")
-        if self.recipe == "repvgg" and self.branches != "both":
-            raise ValueError(f"acfx.expand: branches={self.branches!r} chooses ACNet's asymmetric branches, which "
-                             "recipe='repvgg' does not have; use recipe='acb+repvgg' to combine them")
+                more = (": compose others with '+' on acfx.RECIPES, e.g. acfx.RECIPES['acb'] + acfx.RECIPES['mobileone'], "
+                        "or define one with acfx.Recipe(name, branches)" if field.name == "recipe" else "")
+                raise ValueError(f"acfx.expand: {field.name}={value!r} is not one of {allowed}{more}")
+        self._check_recipe()
         if self.gamma_init is not None:
             self._check_gamma()
         if self.filter_fn is not None and not callable(self.filter_fn):
@@ -121,6 +133,26 @@ class ExpandOptions:
         if not isinstance(self.include_unnormed, bool):
             raise TypeError(f"acfx.expand: include_unnormed must be True or False, got {self.include_unnormed!r}")
         object.__setattr__(self, "leaf_modules", check_leaf_modules(self.leaf_modules))
+
+    def resolved_recipe(self) -> Recipe:
+        """The recipe as a record, with ``kxk_branches`` applied."""
+        recipe = self.recipe if isinstance(self.recipe, Recipe) else RECIPES[self.recipe]
+        return recipe if self.kxk_branches is None else recipe.with_kxk_branches(self.kxk_branches)
+
+    def _check_recipe(self) -> None:
+        if self.kxk_branches is not None and (isinstance(self.kxk_branches, bool) or not isinstance(
+                self.kxk_branches, numbers.Integral) or not 1 <= self.kxk_branches <= MAX_BRANCHES):
+            raise ValueError(f"acfx.expand: kxk_branches must be an integer from 1 to {MAX_BRANCHES}, got "
+                             f"{self.kxk_branches!r}")
+        recipe = self.resolved_recipe()
+        if "identity" in recipe.branches and self.norm == "sum" and self.init == "preserve":
+            raise ValueError(f"acfx.expand: recipe={recipe.name!r} with norm='sum' adds the input itself (its identity "
+                             "branch has no BN to start at zero), so init='preserve' cannot keep the function; use "
+                             "norm='branch' or init='scratch'")
+        if self.branches != "both" and not recipe.asymmetric:
+            raise ValueError(f"acfx.expand: branches={self.branches!r} chooses ACNet's asymmetric branches, which "
+                             f"recipe={recipe.name!r} does not have; add 'acb' to the recipe ('acb+{recipe.name}', or "
+                             "acfx.RECIPES['acb'] + your recipe) to combine them")
 
     def _check_gamma(self) -> None:
         if isinstance(self.gamma_init, bool) or not isinstance(self.gamma_init, numbers.Real):

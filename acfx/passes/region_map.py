@@ -17,7 +17,7 @@ import torch.fx as fx
 from ..layers.geometry import Window, same_window
 from ..layers.linear_map import ConvMap, Inexact, add, compose
 from ..layers.norms import fusion_dtype
-from ..layers.stage_maps import apply_module, conv_map
+from ..layers.stage_maps import apply_module, conv_map, pool_map
 from ..matching.find_linear_regions import LinearRegion
 from ..matching.known_layers import bias_padded_norm
 from ..matching.linear_ops import LinearOp
@@ -223,8 +223,9 @@ class _Evaluator:
         channels = first.map.out_channels if first.map is not None else self.channels
         if channels is None:
             return Inexact("average pooling of an input whose channels are not known")
-        found = ConvMap.avg_pool(channels, _pair(pool.kernel_size), _pair(pool.stride or pool.kernel_size),
-                                 _pair(pool.padding), self.like)
+        found = pool_map(pool, channels, self.like)
+        if isinstance(found, Inexact):
+            return Inexact(f"{op.node.name}: {found.reason}")
         if first.map is None:
             return _Form(found.reading(first.window))
         composed = compose(first.map, found)

@@ -26,10 +26,12 @@ def _expand_options(parser: argparse.ArgumentParser, for_checkpoint: bool = True
         help_text = field.metadata["help"]
         if field.type in (bool, "bool"):
             group.add_argument(flag, action="store_true", help=help_text)
-        else:
+        elif ExpandOptions.choices(field.name):
             default = f" (default: {field.default})" if field.default is not None else ""
             group.add_argument(flag, choices=ExpandOptions.choices(field.name), default=field.default,
                                help=help_text + default)
+        else:
+            group.add_argument(flag, type=ExpandOptions.value_type(field.name), default=field.default, help=help_text)
 
 
 def _expand_kwargs(args: argparse.Namespace, recorded: Optional[dict] = None) -> dict:
