@@ -280,3 +280,16 @@ def test_help_states_the_defaults(capsys):
     args = accuracy.parse_args([])
     assert (args.variants, args.seeds, args.size) == (list(accuracy.VARIANTS), 5, 16)
     assert args.workers == min(2, os.cpu_count() or 1)
+
+
+def test_a_training_fraction_keeps_every_class_and_the_test_split():
+    digits = accuracy.load_digits(8)
+    part = accuracy.train_subset(digits, 0.25)
+    assert torch.equal(part.test.labels, digits.test.labels)
+    full, kept = torch.bincount(digits.train.labels), torch.bincount(part.train.labels)
+    assert ((kept - full * 0.25).abs() <= 1).all(), (full, kept)  # stratified: a quarter of each class
+    again = accuracy.train_subset(digits, 0.25)
+    assert torch.equal(again.train.images, part.train.images)  # fixed: the same images every run
+    assert accuracy.train_subset(digits, 1.0) is digits
+    with pytest.raises(SystemExit):
+        accuracy.parse_args(["--train-fraction", "0"])

@@ -308,3 +308,21 @@ def test_online_checkpoint_of_another_recipe_is_refused():
     with pytest.raises(RuntimeError, match="recipe"):
         acfx.expand(model, mode="online").load_state_dict(
             acfx.expand(model, mode="online", recipe="dbb").state_dict(), strict=False)
+
+
+@pytest.mark.parametrize("mode", ["exact", "online"])
+@pytest.mark.parametrize("recipe", RECIPES)
+def test_expand_safety_rules_hold_for_every_recipe(recipe, mode):
+    """What expand leaves and why does not depend on the recipe: a frozen conv, a hooked one."""
+    torch.manual_seed(0)
+    model = randomize_bn(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8), nn.ReLU(),
+                                       nn.Conv2d(8, 8, 3, padding=1), nn.BatchNorm2d(8)))
+    model[0].requires_grad_(False)
+    model[3].register_forward_hook(lambda m, a, o: None)
+    with pytest.warns(UserWarning, match="because of module hooks"):
+        expanded, report = acfx.expand(model, recipe=recipe, mode=mode, return_report=True)
+    skipped = {e.name: e.detail for e in report.skipped}
+    assert "frozen (requires_grad=False)" in skipped["0"] and "hook" in skipped["3"], skipped
+    assert [e.name for e in report.of("expanded")] == ["6"]
+    assert type(expanded[0]) is nn.Conv2d and type(expanded[3]) is nn.Conv2d

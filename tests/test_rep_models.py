@@ -14,6 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 import torch
+import torch.nn as nn
 
 import acfx
 
@@ -141,3 +142,24 @@ def test_timm_rep_families_collapse_like_timms_own_reparameterize(name):
         assert_rel_close(collapsed(x), deployed(x), tol=1e-4, what=f"{name}: collapsed vs reparameterize_model")
     ours, theirs = aten_ops(collapsed, x), aten_ops(deployed, x)
     assert ours == theirs, (ours - theirs, theirs - ours)
+
+
+def test_ghostnetv3_collapses_every_block_including_a_sum_that_feeds_the_next_one():
+    """GhostNetV3's strided blocks without SE: the depthwise sum feeds the second ghost module's sums with no
+    op between them. Each sum is one conv, as timm's reparameterize_model makes them: the same convs and the
+    same aten ops (timm's own forward adds the shortcut in place), exact in float64."""
+    import timm
+    torch.manual_seed(0)
+    model = trained(timm.create_model("ghostnetv3_050", num_classes=10)).double()
+    x = torch.randn(2, 3, 64, 64, dtype=torch.float64)
+    deployed = timm_deploy_form(copy.deepcopy(model))
+    with torch.no_grad():
+        expected = model(x)
+        collapsed, report = acfx.collapse(model, return_report=True)
+        assert_rel_close(collapsed(x), expected, tol=1e-10, what="ghostnetv3_050: collapsed vs unfused (float64)")
+    assert not report.skipped, [(e.name, e.detail) for e in report.skipped]
+    convs = lambda m: sum(isinstance(c, nn.Conv2d) for c in m.modules())  # noqa: E731
+    assert convs(collapsed) == convs(deployed) == 137
+    plain = lambda ops: sum((collections.Counter({k.rstrip("_"): v}) for k, v in ops.items()),  # noqa: E731
+                            collections.Counter())
+    assert plain(aten_ops(collapsed, x)) == plain(aten_ops(deployed, x))

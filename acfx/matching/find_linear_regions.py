@@ -224,14 +224,24 @@ def _fork(group: List[fx.Node], anchor: fx.Node, members: Set[fx.Node], ops, ord
 
 def _groups(members: Set[fx.Node], anchors: List[fx.Node], ops, order) -> List[Tuple[List[fx.Node], Optional[fx.Node]]]:
     """The anchors split into blocks that follow one another (each with the value it starts from, None for the
-    first): GhostNetV3's depthwise sum, then its second ghost module's sums."""
+    first): GhostNetV3's depthwise sum, then its second ghost module's sums. A constant shift or scale met
+    between two blocks' sums belongs to the block after the fork when it is computed from the fork (the
+    second ghost module's sum starting from a constant)."""
     groups: List[Tuple[List[fx.Node], Optional[fx.Node]]] = [([anchors[0]], None)]
+    summing = ("add", "sub")
     for anchor in anchors[1:]:
         current, start = groups[-1]
-        sums = ops[anchor].kind in ("add", "sub") and any(ops[a].kind in ("add", "sub") for a in current)
-        fork = _fork(current, anchor, members, ops, order) if sums else None  # only blocks of sums follow on
-        if fork is not None and fork not in current[:-1]:
-            groups.append(([anchor], fork))
+        last_sum = max((i for i, a in enumerate(current) if ops[a].kind in summing), default=None)
+        fork = None
+        if ops[anchor].kind in summing and last_sum is not None:  # only blocks of sums follow on
+            head, trail = current[:last_sum + 1], current[last_sum + 1:]
+            fork = _fork(head, anchor, members, ops, order)
+            if fork is not None and (fork in head[:-1] or
+                                     any(fork not in _upstream([t], members, ops) for t in trail)):
+                fork = None
+        if fork is not None:
+            groups[-1] = (head, start)
+            groups.append((trail + [anchor], fork))
         else:
             current.append(anchor)
     return groups
