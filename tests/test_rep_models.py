@@ -163,3 +163,24 @@ def test_ghostnetv3_collapses_every_block_including_a_sum_that_feeds_the_next_on
     plain = lambda ops: sum((collections.Counter({k.rstrip("_"): v}) for k, v in ops.items()),  # noqa: E731
                             collections.Counter())
     assert plain(aten_ops(collapsed, x)) == plain(aten_ops(deployed, x))
+
+
+def test_collapse_reads_inside_timm_leaf_modules():
+    """timm calls some modules as leaves (efficientvit's LocalWindowAttention: control flow on the input size);
+    collapse traces their insides as parts of their own, so fold_bn folds the conv→BN pairs in there too and
+    the deploy form runs no more aten ops than timm's reparameterize_model (which also folds them), exactly."""
+    import timm
+    torch.manual_seed(0)
+    model = trained(timm.create_model("efficientvit_m0", num_classes=10)).double()
+    x = torch.randn(1, 3, 224, 224, dtype=torch.float64)
+    with torch.no_grad():
+        expected = model(x)
+        collapsed, report = acfx.collapse(model, fold_bn=True, return_report=True)
+        assert_rel_close(collapsed(x), expected, tol=1e-10, what="efficientvit_m0: collapsed + fold_bn (float64)")
+    folded = {e.name for e in report.of("folded")}
+    assert "stages.0.blocks.0.mixer.m.attn.qkvs.0.conv" in folded, sorted(folded)[:5]
+    untraced = {e.name for e in report.of("untraced")}
+    assert "stages.0.blocks.0.mixer.m" in untraced  # its forward does not trace: its children did
+    deployed = timm_deploy_form(copy.deepcopy(model).float())
+    ours, theirs = aten_ops(collapsed.float(), x.float()), aten_ops(deployed, x.float())
+    assert sum(ours.values()) <= sum(theirs.values()), (ours - theirs, theirs - ours)

@@ -63,6 +63,10 @@ class AcfxTracer(fx.Tracer):
         timm_modules, timm_functions = _timm_leaves()
         super().__init__(autowrap_functions=timm_functions)
         self.leaf_types = tuple(leaf_types) + timm_modules
+        # timm's own leaves (not acfx's, not the caller's): called as modules, but collapse reads their insides
+        # as parts of their own (see trace_parts).
+        own = tuple(leaf_types) + tuple(opaque_types)
+        self.timm_leaves = tuple(t for t in timm_modules if not any(issubclass(t, o) for o in own))
         # Traced through even when timm or the user names them as leaves.
         self.opaque_types = tuple(opaque_types)
         # collapse reads layers: a conv subclass whose forward acfx does not know is traced into (DBB's
@@ -89,6 +93,13 @@ class AcfxTracer(fx.Tracer):
         if isinstance(m, (nn.Conv2d,) + self.leaf_types) or is_batch_norm(m):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def reads_into(self, m: nn.Module) -> bool:
+        """Whether ``m``, a leaf of this trace, is traced as a part of its own too (collapse reads layers: a
+        timm leaf with convs inside, whose forward fx cannot trace as part of the model's, e.g. a shape-
+        dependent window attention)."""
+        return self.read_layers and isinstance(m, self.timm_leaves) and not isinstance(m, nn.Conv2d) and \
+            not is_batch_norm(m) and any(isinstance(c, nn.Conv2d) for c in m.modules())
 
     def call_module(self, m: nn.Module, forward, args, kwargs):
         try:
@@ -233,6 +244,8 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
     """Trace ``root``; where a module does not trace, trace its children instead, recursively.
 
     ``make_tracer()`` returns a fresh tracer per attempt. Modules of a ``skip`` type are not descended into.
+    A leaf module the tracer reads into (``AcfxTracer.reads_into``) is traced as a part of its own as well:
+    called as one module from the graph around it, read inside as a model of its own.
     ``training``: the mode to trace in (fx records one path of a forward that branches on self.training);
     None for the model's own. The graphs are of a skeleton copy of ``root``; the parts name ``root``'s own
     modules, whose mode is left as it was.
@@ -260,6 +273,11 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
                      if n.op == "get_attr" and n.target.startswith("_tensor_constant")}
         traced.append(TracedPart(name, real[name], graph, set(tracer.observed), dict(tracer.call_forms),
                                  {k: v for k, v in constants.items() if isinstance(v, torch.Tensor)}))
+        # A leaf the tracer reads into is a part of its own (each once, however often it is called).
+        for target in dict.fromkeys(n.target for n in graph.nodes if n.op == "call_module"):
+            inner = module.get_submodule(target)
+            if tracer.reads_into(inner) and not isinstance(inner, skip):
+                visit(f"{name}.{target}" if name else target, inner)
 
     with _RestoreState(root) if copied is None else contextlib.nullcontext():
         if training is not None:  # the flag itself: a train() the user overrode may act on shared tensors
