@@ -179,8 +179,13 @@ def test_collapse_reads_inside_timm_leaf_modules():
         assert_rel_close(collapsed(x), expected, tol=1e-10, what="efficientvit_m0: collapsed + fold_bn (float64)")
     folded = {e.name for e in report.of("folded")}
     assert "stages.0.blocks.0.mixer.m.attn.qkvs.0.conv" in folded, sorted(folded)[:5]
-    untraced = {e.name for e in report.of("untraced")}
-    assert "stages.0.blocks.0.mixer.m" in untraced  # its forward does not trace: its children did
-    deployed = timm_deploy_form(copy.deepcopy(model).float())
-    ours, theirs = aten_ops(collapsed.float(), x.float()), aten_ops(deployed, x.float())
+    from timm.layers import get_notrace_modules
+    from timm.models.efficientvit_msra import LocalWindowAttention
+    if LocalWindowAttention in get_notrace_modules():  # timm >= 1.0.30: a leaf whose forward does not trace
+        assert "stages.0.blocks.0.mixer.m" in {e.name for e in report.of("untraced")}
+    # the op counts in float32, on models that never ran in float64 (the attention caches its biases)
+    torch.manual_seed(0)
+    model = trained(timm.create_model("efficientvit_m0", num_classes=10))
+    deployed = timm_deploy_form(copy.deepcopy(model))
+    ours, theirs = aten_ops(acfx.collapse(model, fold_bn=True), x.float()), aten_ops(deployed, x.float())
     assert sum(ours.values()) <= sum(theirs.values()), (ours - theirs, theirs - ours)
