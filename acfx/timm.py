@@ -8,7 +8,7 @@
 num_classes, in_chans, drop_rate, drop_path_rate, features_only, ...) and expands it. With
 ``pretrained=True`` the base weights are loaded first and expanded with ``init="preserve"``, so fine-tuning
 starts from the pretrained accuracy. ``acb_*`` keyword arguments choose the expand options
-(``acb_mode``, ``acb_branches``, ``acb_norm``, ``acb_placement``, ``acb_recipe``, ``acb_gamma_init``,
+(``acb_mode``, ``acb_branches``, ``acb_norm``, ``acb_placement``, ``acb_recipe``, ``acb_kxk_branches``, ``acb_gamma_init``,
 ``acb_include_unnormed``, ``acb_init``), and ``acb_impl="stacked"`` or ``"recompute"`` the forward of the
 blocks (:func:`acfx.set_exact_impl`).
 

@@ -51,6 +51,11 @@ BLOCKS = {
 }
 
 
+# How each block is collapsed: YOLOv7's implicit layers are constant ops around a conv with no sum, the model's
+# own architecture, which the deploy form folds (its notebook by hand, acfx with fold_bn=True).
+OPTIONS = {"yolov7-implicit": dict(fold_bn=True)}
+
+
 def _net(block: nn.Module) -> nn.Module:
     """The block inside a model, between a stem and a head (what collapse sees in practice)."""
     channels = getattr(block, "in_channels", None) or next(m for m in block.modules()
@@ -66,7 +71,7 @@ def test_collapse_gives_the_unfused_output_and_the_deploy_forms(name, dtype):
     x = torch.randn(2, 3, 11, 11, dtype=dtype)
     with torch.no_grad():
         expected = model(x)
-        collapsed, report = acfx.collapse(model, return_report=True)
+        collapsed, report = acfx.collapse(model, return_report=True, **OPTIONS.get(name, {}))
         assert [e.name for e in report.of("collapsed")] == ["1"], report
         assert_rel_close(collapsed(x), expected, what=f"{name}: collapsed vs unfused")
         deployed = copy.deepcopy(model)
@@ -79,7 +84,7 @@ def test_collapsed_blocks_run_no_more_convolutions_and_about_as_many_operators_a
     torch.manual_seed(0)
     model = trained(_net(BLOCKS[name]()))
     x = torch.randn(2, 3, 11, 11)
-    collapsed = acfx.collapse(model)
+    collapsed = acfx.collapse(model, **OPTIONS.get(name, {}))
     deployed = copy.deepcopy(model)
     deployed[1] = deployed[1].deploy()
     ours, theirs, unfused = aten_ops(collapsed, x), aten_ops(deployed, x), aten_ops(model, x)
@@ -159,7 +164,7 @@ def test_ultralytics_blocks_collapse_to_their_own_deploy_form(name):
     deployed = ultralytics_deploy_form(model)
     with torch.no_grad():
         expected = model(x)
-        collapsed, report = acfx.collapse(model, return_report=True)
+        collapsed, report = acfx.collapse(model, return_report=True, **OPTIONS.get(name, {}))
         assert [e.name for e in report.of("collapsed")] == ["1"], report
         assert_rel_close(collapsed(x), expected, what=f"{name}: collapsed vs unfused")
         assert_rel_close(collapsed(x), deployed(x), what=f"{name}: collapsed vs ultralytics' deploy form")
@@ -176,3 +181,30 @@ def test_a_block_whose_bn_is_in_train_mode_is_left_with_the_reason():
     collapsed, entry = _left_as_it_was(model, torch.randn(4, 3, 12, 12))
     assert "1.conv1.bn is a BatchNorm in train mode" in entry.detail, entry
     assert type(collapsed[1]) is RepConv
+
+
+class _ScaledResidual(nn.Module):
+    """A conv→BN, a layer scale and a residual scale, as iformer and Inception-ResNet write them: no sum of
+    branches, the model's own architecture."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv, self.bn = nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8)
+        self.gamma = nn.Parameter(torch.rand(1, 8, 1, 1))
+
+    def forward(self, x):
+        return x + 0.17 * (self.gamma * self.bn(self.conv(torch.relu(x))))
+
+
+def test_constant_scales_and_shifts_around_a_conv_are_folded_only_in_the_deploy_form():
+    torch.manual_seed(0)
+    model = trained(nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), _ScaledResidual()))
+    x = torch.randn(2, 3, 9, 9)
+    kept, report = acfx.collapse(model, return_report=True)
+    assert not report.of("collapsed") and not report.skipped, report
+    assert type(kept[1]) is _ScaledResidual and type(kept[1].bn) is nn.BatchNorm2d  # the architecture, as it was
+    deployed, report = acfx.collapse(model, fold_bn=True, return_report=True)
+    assert [e.name for e in report.of("collapsed")] == ["1"], report
+    with torch.no_grad():
+        assert_rel_close(deployed(x), model(x), what="layer scale and residual scale folded with fold_bn=True")
+    assert sum(isinstance(m, nn.BatchNorm2d) for m in deployed.modules()) == 0

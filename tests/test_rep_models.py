@@ -18,7 +18,7 @@ import torch.nn as nn
 
 import acfx
 
-from helpers import assert_rel_close
+from helpers import assert_rel_close, randomize_bn
 from rep_models import MODELS, aten_ops, timm_deploy_form, trained
 
 
@@ -189,3 +189,23 @@ def test_collapse_reads_inside_timm_leaf_modules():
     deployed = timm_deploy_form(copy.deepcopy(model))
     ours, theirs = aten_ops(acfx.collapse(model, fold_bn=True), x.float()), aten_ops(deployed, x.float())
     assert sum(ours.values()) <= sum(theirs.values()), (ours - theirs, theirs - ours)
+
+
+def test_blocks_acfx_gives_back_a_model_with_its_own_rep_blocks_as_built():
+    """A model with re-parameterisable blocks of its own (timm's mobileone in train form), expanded: collapse
+    fuses both kinds by default (the deploy form); blocks='acfx' fuses acfx's only, so the result loads strictly
+    into a freshly built model and its own blocks are as they were."""
+    import timm
+    torch.manual_seed(0)
+    expanded = randomize_bn(acfx.expand(timm.create_model("mobileone_s0", num_classes=5)), seed=2).eval()
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        expected = expanded(x)
+        kept, report = acfx.collapse(expanded, blocks="acfx", return_report=True)
+        assert_rel_close(kept(x), expected, what="mobileone_s0: blocks='acfx' vs expanded")
+        deployed, deploy_report = acfx.collapse(expanded, return_report=True)
+        assert_rel_close(deployed(x), expected, what="mobileone_s0: blocks='all' vs expanded")
+    assert not report.structure_changes and deploy_report.structure_changes
+    timm.create_model("mobileone_s0", num_classes=5).load_state_dict(kept.state_dict(), strict=True)
+    with pytest.raises(ValueError, match="blocks='own' is not one of"):
+        acfx.collapse(expanded, blocks="own")

@@ -4,8 +4,9 @@ Every node is given the node it is a linear function of (its *source*, linear_op
 inputs that share one source has that source too; anything else is its own source. A region is the set of
 linear nodes that lead from a source to a node no linear user continues (its *output*). It is a block
 worth fusing when it sums linear forms of its source (RepVGG, DBB, MobileOne, ACNet written by hand), or
-computes a conv weight from parameters at every forward (OREPA), or adds or scales by constants around a
-conv (YOLOv7's implicit layers); plain conv → BN chains are the original architecture, left to ``fold_bn``.
+computes a conv weight from parameters at every forward (OREPA). Plain conv → BN chains, and constant adds
+and scales around a conv with no sum (YOLOv7's implicit layers, a layer scale), are the model's own
+architecture: regions only with ``affine_chains`` (collapse's ``fold_bn``, the deploy form).
 
 Each region is returned as a complete record: its nodes, in graph order, and the module whose forward
 holds it, or with the reason it cannot become one conv (its values used outside it, no conv in it).
@@ -28,8 +29,21 @@ from .tracing import mutates
 __all__ = ["LinearRegion", "find_linear_regions"]
 
 _CONVS = ("conv", "function_conv", "unknown_conv")
-# Ops that make a chain of convs and norms a re-parameterisation (not the original architecture).
-_REPARAM = ("add", "sub", "shift", "scale")
+# Ops that make a chain of convs and norms a re-parameterisation (not the original architecture): a sum its
+# author wrote (a shift by 0 is one: "0 + branch"). A constant shift or scale alone (YOLOv7's implicit layers,
+# a layer scale, Inception-ResNet's residual scale) is the model's own architecture, folded only on request.
+_SUMS = ("add", "sub")
+_AFFINE = ("shift", "scale")
+
+
+def _reparam(op: LinearOp, affine_chains: bool) -> bool:
+    """Whether ``op`` makes its region a re-parameterisation (``affine_chains``: constant shifts and scales
+    too, collapse's fold_bn)."""
+    if op.kind in _SUMS:
+        return True
+    if op.kind == "shift" and isinstance(op.constant, (int, float)) and op.constant == 0:
+        return True
+    return affine_chains and op.kind in _AFFINE
 
 
 @dataclasses.dataclass(frozen=True)
@@ -103,11 +117,11 @@ def _ancestors(output: fx.Node, source: fx.Node, sources: Dict[fx.Node, fx.Node]
     return found
 
 
-def _worth_fusing(ops: List[LinearOp], constants: List[fx.Node]) -> bool:
+def _worth_fusing(ops: List[LinearOp], constants: List[fx.Node], affine_chains: bool) -> bool:
     if not any(op.kind in _CONVS for op in ops):
         return False
     computed = any(c.op != "get_attr" for c in constants)
-    return computed or any(op.kind in _REPARAM for op in ops)
+    return computed or any(_reparam(op, affine_chains) for op in ops)
 
 
 def _constants_of(nodes: Set[fx.Node], constant: FrozenSet[fx.Node]) -> Set[fx.Node]:
@@ -149,10 +163,10 @@ def _escape(nodes: Set[fx.Node], output: fx.Node, live: Set[fx.Node]) -> Optiona
     return None
 
 
-def _anchors(ops: List[LinearOp], constants: Set[fx.Node]) -> List[fx.Node]:
-    """The nodes that make a region a re-parameterisation: sums, constant shifts and scales, convs of a weight
-    the forward computes."""
-    return [op.node for op in ops if op.kind in _REPARAM
+def _anchors(ops: List[LinearOp], constants: Set[fx.Node], affine_chains: bool) -> List[fx.Node]:
+    """The nodes that make a region a re-parameterisation: sums (constant shifts and scales with
+    ``affine_chains``), convs of a weight the forward computes."""
+    return [op.node for op in ops if _reparam(op, affine_chains)
             or op.kind == "function_conv" and op.constant in constants and op.constant.op != "get_attr"]
 
 
@@ -247,10 +261,11 @@ def _groups(members: Set[fx.Node], anchors: List[fx.Node], ops, order) -> List[T
     return groups
 
 
-def _regions(output: fx.Node, source: fx.Node, sources, ops, constant, live, order, mutating) -> List[LinearRegion]:
+def _regions(output: fx.Node, source: fx.Node, sources, ops, constant, live, order, mutating, affine_chains: bool
+             ) -> List[LinearRegion]:
     members = _ancestors(output, source, sources, ops)
     all_ops = [ops[n] for n in sorted(members, key=order.__getitem__)]
-    anchors = sorted(_anchors(all_ops, _constants_of(members, constant)), key=order.__getitem__)
+    anchors = sorted(_anchors(all_ops, _constants_of(members, constant), affine_chains), key=order.__getitem__)
     if not anchors:
         return []
     groups = _groups(members, anchors, ops, order)
@@ -258,21 +273,21 @@ def _regions(output: fx.Node, source: fx.Node, sources, ops, constant, live, ord
     for index, (group, start) in enumerate(groups):
         end = groups[index + 1][1] if index + 1 < len(groups) else output
         sub = _upstream([end], members, ops, stop=start)
-        region = _region(end, sub, group, ops, constant, live, order, mutating)
+        region = _region(end, sub, group, ops, constant, live, order, mutating, affine_chains)
         if region is not None:
             found.append(region)
     return found
 
 
-def _region(output: fx.Node, members: Set[fx.Node], anchors: List[fx.Node], ops, constant, live, order, mutating
-            ) -> Optional[LinearRegion]:
+def _region(output: fx.Node, members: Set[fx.Node], anchors: List[fx.Node], ops, constant, live, order, mutating,
+            affine_chains: bool) -> Optional[LinearRegion]:
     inside = _focus(_within(members, anchors), anchors, ops)
     inputs = {i for n in inside for i in ops[n].inputs if i not in inside}
     outputs = [n for n in inside if n is output or any(u in members and u not in inside for u in n.users)]
     nodes = tuple(sorted(inside, key=order.__getitem__))
     region_ops = [ops[n] for n in nodes]
     constants = _constants_of(inside, constant)
-    if not nodes or not _worth_fusing(region_ops, sorted(constants, key=order.__getitem__)):
+    if not nodes or not _worth_fusing(region_ops, sorted(constants, key=order.__getitem__), affine_chains):
         return None
     if len(inputs) != 1 or len(outputs) != 1:
         reason = (f"the block's linear part reads {len(inputs)} inputs and gives {len(outputs)} outputs: one conv reads "
@@ -285,7 +300,7 @@ def _region(output: fx.Node, members: Set[fx.Node], anchors: List[fx.Node], ops,
     nodes = tuple(sorted(inside, key=order.__getitem__))
     region_ops = [ops[n] for n in nodes]
     constants = _constants_of(inside, constant)
-    if not _worth_fusing(region_ops, sorted(constants, key=order.__getitem__)):
+    if not _worth_fusing(region_ops, sorted(constants, key=order.__getitem__), affine_chains):
         return None
     return LinearRegion(start, end, nodes, tuple(region_ops), tuple(sorted(constants, key=order.__getitem__)),
                         _escape(inside, end, live) or _written(inside, start, end, mutating))
@@ -356,8 +371,10 @@ def _mixed_sum(node: fx.Node, sources, ops, constant, order) -> Optional[LinearR
                         tuple(sorted(_constants_of(members, constant), key=order.__getitem__)), reason)
 
 
-def find_linear_regions(graph: fx.Graph, modules: Dict[str, nn.Module], live: Set[fx.Node]) -> List[LinearRegion]:
-    """Every region of ``graph`` worth fusing (see the module docstring), in graph order of its output."""
+def find_linear_regions(graph: fx.Graph, modules: Dict[str, nn.Module], live: Set[fx.Node],
+                        affine_chains: bool = False) -> List[LinearRegion]:
+    """Every region of ``graph`` worth fusing (see the module docstring), in graph order of its output;
+    ``affine_chains``: also a conv with constant shifts and scales around it and no sum (fold_bn's deploy form)."""
     constant = constant_nodes(graph)
     ops = {node: op for node in graph.nodes if node in live
            for op in [linear_op(node, modules, constant)] if op is not None}
@@ -371,7 +388,7 @@ def find_linear_regions(graph: fx.Graph, modules: Dict[str, nn.Module], live: Se
         source = sources[node]
         if any(u in ops and sources.get(u) is source and u in live for u in node.users):
             continue  # a linear user continues the region: not its output
-        for region in _regions(node, source, sources, ops, constant, live, order, mutating):
+        for region in _regions(node, source, sources, ops, constant, live, order, mutating, affine_chains):
             found.setdefault(region.nodes, region)
     for node in graph.nodes:
         if node in live and _is_mixed_add(node, sources, ops) and not any(_is_mixed_add(u, sources, ops)

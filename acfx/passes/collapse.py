@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import typing
 import warnings
 from typing import Dict, List, Literal, Sequence, Tuple, Type, Union, overload
 
@@ -36,18 +37,22 @@ def collapse_tracer(leaf_modules: Sequence[Type[nn.Module]] = ()):
     return lambda: AcfxTracer(leaf_types=leaves, opaque_types=(ACBlock,), read_layers=True)
 
 
+# Which blocks collapse fuses: every re-parameterisable one, or acfx's own only (the model's architecture kept).
+Blocks = Literal["all", "acfx"]
+
+
 @overload
-def collapse(model: nn.Module, *, fold_bn: bool = ..., inplace: bool = ...,
+def collapse(model: nn.Module, *, blocks: Blocks = ..., fold_bn: bool = ..., inplace: bool = ...,
              leaf_modules: Sequence[Type[nn.Module]] = ..., return_report: Literal[False] = ...) -> nn.Module: ...
 
 
 @overload
-def collapse(model: nn.Module, *, fold_bn: bool = ..., inplace: bool = ...,
+def collapse(model: nn.Module, *, blocks: Blocks = ..., fold_bn: bool = ..., inplace: bool = ...,
              leaf_modules: Sequence[Type[nn.Module]] = ..., return_report: Literal[True]
              ) -> Tuple[nn.Module, Report]: ...
 
 
-def collapse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False,
+def collapse(model: nn.Module, *, blocks: Blocks = "all", fold_bn: bool = False, inplace: bool = False,
              leaf_modules: Sequence[Type[nn.Module]] = (), return_report: bool = False
              ) -> Union[nn.Module, Tuple[nn.Module, Report]]:
     """Fuse every block of parallel conv(→BN) branches summed on one input into a single convolution.
@@ -66,20 +71,30 @@ def collapse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False,
     * Any other block that is a whole module (its forward is the branches, their sum, and at most one
       padding op on its input) is replaced by one nn.Conv2d (timm Conv2dSame for TF-'same' padding)
       with a bias; the report marks it as a change of structure.
-    * Every other sum of conv branches on one input (written inline in a larger forward, adding other
-      terms, branches that do not line up) is left as it is and reported with the reason: acfx swaps whole
-      modules and never hands back a GraphModule.
+    * A block whose forward does more than the sum (a ReLU or SE after it, RepGhost's primary conv before)
+      keeps the rest of its forward: a GraphModule named after the block, each sum one conv ('reparam').
+    * A sum that cannot be one conv exactly (a non-linear or other-input term, branches that do not line
+      up, a BN kept in train mode) is left as it is and reported with the reason.
+
+    Constant shifts and scales around a conv with no sum (YOLOv7's implicit layers, a layer scale) are the
+    model's own architecture: folded into the conv with ``fold_bn=True``, like the BNs.
 
     Forward hooks and pre-hooks on a replaced block (or NormTail) are carried to the module replacing it;
     a block whose inner modules hold hooks is left alone, with a warning.
 
     Args:
         model: the expanded (or any) model, with real weights and BN statistics (not on the meta device).
+        blocks: "all" (default): acfx's blocks and every re-parameterisable block of the model's own
+            (RepVGG's, MobileOne's, timm's rep families in their train-time form, any sum of linear branches).
+            "acfx": acfx's blocks only, the rest of the model as it is, so that a model with blocks of its own
+            (timm's fastvit, mobileone) collapses back to exactly the architecture it was expanded from and
+            its state_dict loads strictly into a freshly built one.
             Its train/eval mode is kept; fusion always uses running statistics, which must be finite. A
             model left in train mode gets a warning: the BNs put back in the slots hold the fused shift as
             running statistics, which train mode ignores.
         fold_bn: also fold every conv→BN pair in the model (fused or not) into a conv with bias and remove
-            the BN (a timm norm-act layer keeps its drop and activation): the deploy form.
+            the BN (a timm norm-act layer keeps its drop and activation), and the constant shifts and scales
+            around a conv into it: the deploy form.
         inplace: rewrite ``model`` itself instead of a deep copy. On error the model is left as it was.
         leaf_modules: extra module classes the tracer must not trace into.
         return_report: also return a :class:`~acfx.Report` of every block found and what became of it.
@@ -95,14 +110,16 @@ def collapse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False,
     """
     check_model(model, "collapse")
     check_flags("collapse", fold_bn=fold_bn, inplace=inplace, return_report=return_report)
+    if blocks not in typing.get_args(Blocks):
+        raise ValueError(f"acfx.collapse: blocks={blocks!r} is not one of {typing.get_args(Blocks)}")
     leaves = check_leaf_modules(leaf_modules)
     refuse_wrapped(model, "collapse")
     _refuse_meta(model)
     target = working_copy(model, inplace, "collapse")
     swaps = ModuleSwaps(target)
     try:
-        blocks = _collapse_blocks(target, leaves)
-        result = swaps.apply(blocks.replacements)
+        fused = _collapse_blocks(target, leaves, fold_bn, foreign=blocks == "all")
+        result = swaps.apply(fused.replacements)
         folded = None
         if fold_bn:  # what is folded is the eval path
             folded = fold_norms(trace_model(result, collapse_tracer(leaves), training=False))
@@ -110,13 +127,13 @@ def collapse(model: nn.Module, *, fold_bn: bool = False, inplace: bool = False,
     except BaseException:
         swaps.undo()
         raise
-    for module in blocks.fused:
+    for module in fused.fused:
         restore_cfg(module)
     if not any(isinstance(m, (ACBlock, NormTail, OnlineACConv)) for m in result.modules()):
         remove_guards(result)
-    _warn_train_mode(blocks.in_train_mode + (folded.in_train_mode if folded else ()))
-    warn_hook_skips("collapse", blocks.hooked + (folded.hooked if folded else ()))
-    report = Report.from_entries("collapse", blocks.entries, folded.entries if folded else ())
+    _warn_train_mode(fused.in_train_mode + (folded.in_train_mode if folded else ()))
+    warn_hook_skips("collapse", fused.hooked + (folded.hooked if folded else ()))
+    report = Report.from_entries("collapse", fused.entries, folded.entries if folded else ())
     logger.info("%s", report.summary())
     return (result, report) if return_report else result
 
@@ -153,8 +170,9 @@ def _warn_train_mode(in_train_mode: Sequence[str]) -> None:
             "and deploy it in eval mode.", UserWarning, stacklevel=3)
 
 
-def _collapse_blocks(root: nn.Module, leaves: Tuple[type, ...]) -> _Collapsed:
-    """Every block: hand-written ones from the graph, acfx's own from themselves."""
+def _collapse_blocks(root: nn.Module, leaves: Tuple[type, ...], fold_bn: bool, foreign: bool) -> _Collapsed:
+    """Every block: hand-written ones from the graph (``foreign``; with ``fold_bn``, the constant shifts and
+    scales around a conv too), acfx's own from themselves."""
     traced = trace_model(root, collapse_tracer(leaves), training=False)  # what is fused is the eval function
     entries: List[Entry] = [Entry(p.name, Action.UNTRACED, "module", f"{p.error}; traced its children instead")
                             for p in traced.untraced]
@@ -163,7 +181,7 @@ def _collapse_blocks(root: nn.Module, leaves: Tuple[type, ...]) -> _Collapsed:
     in_train_mode: List[str] = []
     checked = set()
     for part in traced.parts:
-        matches = collapse_matches(part, traced)
+        matches = collapse_matches(part, traced, affine_chains=fold_bn, foreign=foreign)
         replacements.update(matches.replacements)
         entries += matches.entries
         hooked += matches.hooked

@@ -111,10 +111,17 @@ def _kept_in_train_mode(region: LinearRegion, block: nn.Module, part: TracedPart
             "batch statistics, which no conv computes; call .eval() on it to fuse its running statistics")
 
 
-def _in_own_block(name: str, modules: Dict[str, nn.Module]) -> bool:
-    """The region lies in an acfx ACBlock (or is one): the block fuses itself from its recorded layout."""
+def _own_block_of(name: str, modules: Dict[str, nn.Module]) -> Optional[str]:
+    """The acfx ACBlock ``name`` lies in (or is), if any: such a block fuses itself from its recorded layout."""
     parts = name.split(".") if name else []
-    return any(isinstance(modules.get(".".join(parts[:i])), ACBlock) for i in range(len(parts) + 1))
+    return next((".".join(parts[:i]) for i in range(len(parts) + 1)
+                 if isinstance(modules.get(".".join(parts[:i])), ACBlock)), None)
+
+
+def _own_blocks_in(region: LinearRegion, modules: Dict[str, nn.Module]) -> Set[str]:
+    """The ACBlocks whose modules the region runs."""
+    found = (_own_block_of(n.target, modules) for n in region.nodes if n.op == "call_module")
+    return {name for name in found if name is not None}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -160,8 +167,11 @@ def _call_key(region: LinearRegion) -> Optional[str]:
     return common[-1] if common else None
 
 
-def collapse_matches(part: TracedPart, traced: TracedModel) -> MatchesOutcome:
-    """Replacements for the fusable blocks of one traced part; every other region reported."""
+def collapse_matches(part: TracedPart, traced: TracedModel, affine_chains: bool = False, foreign: bool = True
+                     ) -> MatchesOutcome:
+    """Replacements for the fusable blocks of one traced part; every other region reported. ``affine_chains``:
+    constant shifts and scales around a conv with no sum are fused too (collapse's fold_bn); ``foreign``
+    False: only acfx's own blocks are looked at (they fuse themselves), the model's own are left unreported."""
     modules = dict(part.module.named_modules())
     index = ScopeIndex(part.live, modules, part.graph)
     calls = module_calls(part.graph)
@@ -169,12 +179,18 @@ def collapse_matches(part: TracedPart, traced: TracedModel) -> MatchesOutcome:
     hooked: List[str] = []
     checked: Set[str] = set()
     by_block: Dict[str, List[_Candidate]] = {}
-    for region in find_linear_regions(part.graph, modules, part.live):
+    for region in find_linear_regions(part.graph, modules, part.live, affine_chains):
         scope = index.locate(region)
         name = part.qualify(scope.module if scope.module is not None else scope.enclosing)
         block = modules[scope.enclosing]
-        if _in_own_block(scope.enclosing, modules):
+        if _own_block_of(scope.enclosing, modules) is not None:
             checked.add(name)
+            continue
+        own = _own_blocks_in(region, modules)
+        if own:  # an ACBlock with linear ops of the model's own around it: the block fuses itself, the rest stays
+            checked.update(part.qualify(n) for n in own)
+            continue
+        if not foreign:
             continue
         hook = _inner_hooks(region, part, modules) or hook_reason(block, "the block", carries_pre=True,
                                                                   carries_forward=True)

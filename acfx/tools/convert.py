@@ -178,11 +178,13 @@ def collapse_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, u
         expand_kwargs["filter_fn"] = lambda conv, conv_name: conv_name in sites
     expanded = expand(plain, inplace=True, **expand_kwargs)
     load_state_dict_strict(expanded, record.state, record.source)
-    collapsed, report = collapse(expanded.eval(), fold_bn=fold_bn, return_report=True)
+    # acfx's blocks only: the output is the checkpoint of the model as built (its own rep blocks as trained)
+    collapsed, report = collapse(expanded.eval(), blocks="acfx", fold_bn=fold_bn, return_report=True)
     result = Conversion(name, record.path, output, report, float("nan"), getattr(plain, "num_classes", None),
                         tolerance, read=record.describe())
     return _verify_and_write(result, expanded, collapsed,
-                             lambda m: collapse(m, fold_bn=fold_bn, inplace=True), record, keep_container)
+                             lambda m: collapse(m, blocks="acfx", fold_bn=fold_bn, inplace=True), record,
+                             keep_container)
 
 
 def _holds_the_model_as_built(plain: nn.Module, state: Mapping[str, torch.Tensor]) -> bool:

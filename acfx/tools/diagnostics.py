@@ -221,7 +221,8 @@ def _measure(result: RoundTrip, build, x, expand_kwargs) -> None:
             y_expanded = output_tensor(randomize_norms(expanded, gamma=result.gamma_scale)(x))
             if torch.isfinite(y_expanded).all():
                 break
-    collapsed, result.collapse_report = collapse(expanded, return_report=True)
+    # acfx's blocks: the round trip gives back the model as built (its own rep blocks too, as they were)
+    collapsed, result.collapse_report = collapse(expanded, blocks="acfx", return_report=True)
     result.params["collapsed"] = param_count(collapsed)
     with torch.no_grad():
         y_collapsed = output_tensor(collapsed(x))
@@ -272,6 +273,6 @@ def _local_error(expanded: nn.Module, collapsed: nn.Module, x: torch.Tensor) -> 
 
 def _measure_float64(result: RoundTrip, expanded: nn.Module, y_expanded, y_collapsed, x) -> None:
     """The float64 round trip and the float32 noise floor of this network."""
-    check = float64_check(expanded, lambda m: collapse(m, inplace=True), x, y_expanded, y_collapsed)
+    check = float64_check(expanded, lambda m: collapse(m, blocks="acfx", inplace=True), x, y_expanded, y_collapsed)
     result.error_f64, result.noise_f32, result.collapsed_vs_f64 = (check.error_f64, check.noise_f32,
                                                                    check.converted_vs_f64)

@@ -78,16 +78,40 @@ def build_model(name: str, **kwargs) -> nn.Module:
         raise ValueError(f"building {name!r} with {given} failed: {error}") from error
 
 
+def _space_to_depth_factor(model: nn.Module, conv: nn.Module) -> int:
+    """How many times a space-to-depth stem before ``conv`` multiplies the input's channels (TResNet's
+    SpaceToDepth, nn.PixelUnshuffle: block size squared); 1 without one."""
+    from timm.layers import SpaceToDepth
+    for module in model.modules():
+        if module is conv:
+            return 1
+        if isinstance(module, SpaceToDepth):
+            return int(module.bs) ** 2
+        if isinstance(module, nn.PixelUnshuffle):
+            return int(module.downscale_factor) ** 2
+    return 1
+
+
 def _input_channels(model: nn.Module, cfg: Optional[dict]) -> Optional[int]:
-    """The channels the model's first conv takes (the cfg keeps 3 for a model built with in_chans=1)."""
+    """The channels the model takes, read off its first conv (the cfg keeps 3 for a model built with
+    in_chans=1), divided back where a space-to-depth stem comes before it."""
     first = (cfg or {}).get("first_conv")
+    conv = None
     for name in [first] if isinstance(first, str) else list(first or ()):
         try:
-            return int(model.get_submodule(name).in_channels)
+            candidate = model.get_submodule(name)
+            int(candidate.in_channels)
         except (AttributeError, TypeError, ValueError):
             continue
-    conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
-    return int(conv.in_channels) if conv is not None else None
+        conv = candidate
+        break
+    if conv is None:
+        conv = next((m for m in model.modules() if isinstance(m, nn.Conv2d)), None)
+    if conv is None:
+        return None
+    factor = _space_to_depth_factor(model, conv)
+    channels = int(conv.in_channels)
+    return channels // factor if channels % factor == 0 else channels
 
 
 def input_size_for(model: nn.Module, name: str, default: int = 224) -> tuple:
