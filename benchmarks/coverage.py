@@ -297,7 +297,11 @@ def main(argv=None) -> int:
                         help="the recipe expand builds (default: acb)")
     parser.add_argument("--mode", choices=ExpandOptions.choices("mode"), default="exact")
     parser.add_argument("--every", type=int, default=1,
-                        help="every N-th model with a conv→BN pair, in name order (default: 1, all)")
+                        help="every N-th model with a conv→BN pair, in name order (default: 1, all); the others "
+                             "are listed as not run, so that runs with other --offset values and --merge fill "
+                             "the table in over several sittings")
+    parser.add_argument("--offset", type=int, default=0,
+                        help="with --every N: start at the K-th model (0 <= K < N; default 0)")
     parser.add_argument("--pairs-from", default=None, metavar="JSON",
                         help="take the conv→BN pairs from a previous sweep's results instead of finding them")
     parser.add_argument("--out", default=None, help="output stem (default: benchmarks/results/coverage_<source>, "
@@ -308,6 +312,9 @@ def main(argv=None) -> int:
     parser.add_argument("--write-archs", default=None, metavar="PATH",
                         help="write the timm models with a conv→BN pair to PATH (acfx/timm_archs.txt) and stop")
     args = parser.parse_args(argv)
+    if args.every < 1 or not 0 <= args.offset < args.every:
+        parser.error(f"--every must be at least 1 and --offset in [0, {max(args.every, 1)}); "
+                     f"got --every {args.every} --offset {args.offset}")
 
     names = _candidates(args)
     if args.pairs_from:
@@ -317,7 +324,7 @@ def main(argv=None) -> int:
         print(f"{len(names)} {args.source} models; finding conv→BN pairs", flush=True)
         detected = run_pool("detect", names, args)
     all_pairs = [n for n in names if detected[n].get("pairs")]
-    with_pairs = all_pairs[::args.every]
+    with_pairs = all_pairs[args.offset::args.every]
     if args.write_archs:
         write_arch_list(all_pairs, args.write_archs)
         return 0
@@ -338,18 +345,28 @@ def main(argv=None) -> int:
         rows[name] = {**{f"meta_{k}": v for k, v in detected[name].items() if k != "seconds"},
                       **checked.get(name, {"status": "not run", "failure": f"over --max-params "
                                                                             f"({detected[name]['params']:,} parameters)"})}
-    undetected = {n: detected[n] for n in names if detected[n].get("status") in ("error", "timeout", "crash")}
+    from coverage_report import NOT_SAMPLED, write_markdown
     stem = Path(args.out) if args.out else default_stem(args)
+    merge = args.merge and stem.with_suffix(".json").exists()
+    if args.merge and not merge:
+        print(f"--merge: no {stem.with_suffix('.json')} yet; writing a new table", flush=True)
+    if not merge:  # a sampled run lists the models it leaves, for later runs to fill in
+        sampled = set(with_pairs)
+        for name in all_pairs:
+            if name not in sampled and detected[name].get("params", 0) >= args.min_params:
+                rows[name] = {**{f"meta_{k}": v for k, v in detected[name].items() if k != "seconds"},
+                              "status": "not run", "failure": NOT_SAMPLED}
+        rows = dict(sorted(rows.items()))
+    undetected = {n: detected[n] for n in names if detected[n].get("status") in ("error", "timeout", "crash")}
     stem.parent.mkdir(parents=True, exist_ok=True)
     from environment import collect, stamp
     payload = stamp({"environment": {"device": "cpu"}, "args": vars(args), "models_listed": len(names),
                      "with_conv_bn_pair": len(all_pairs), "detection_failures": undetected, "results": rows},
                     collect(argv, __file__))
-    if args.merge:
+    if merge:
         payload = _merged(stem.with_suffix(".json"), payload)
         rows = payload["results"]
     stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    from coverage_report import write_markdown
     stem.with_suffix(".md").write_text(write_markdown(payload))
     statuses = [r["status"] for r in rows.values()]
     print({s: statuses.count(s) for s in sorted(set(statuses))})

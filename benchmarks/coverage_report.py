@@ -10,6 +10,8 @@ from environment import stamp
 
 __all__ = ["write_markdown"]
 
+NOT_SAMPLED = "not in a sampled run yet (--every, --offset)"  # coverage.py's mark
+
 
 def _reason_key(text: str) -> str:
     """A failure message with names and numbers blanked, to group similar failures."""
@@ -55,12 +57,17 @@ def write_markdown(payload: dict) -> str:
              f"input {payload['args']['img_size']} px unless the model has a fixed size, "
              f"batch {payload['args'].get('batch_size', 2)}.", ""]
     for run in payload.get("merged_runs", []):
+        step = run["args"].get("every", 1)
+        which = (f"every {step}-th model from offset {run['args'].get('offset', 0)} ({len(run['models'])} models)"
+                 if step > 1 else ", ".join(run["models"]))
         lines += [f"Re-run apart on {run['environment']['date']} (merged into this table): "
-                  f"{', '.join(run['models'])}, batch {run['args']['batch_size']}, "
+                  f"{which}, batch {run['args']['batch_size']}, "
                   f"up to {run['args']['max_params']:.0e} parameters.", ""]
     lines += [f"{payload['models_listed']} models listed, {payload['with_conv_bn_pair']} with a conv→BN pair "
               "(found by tracing each model on the meta device)" +
-              (f"; every {every}th of them in name order is checked here ({len(rows)} models)." if every > 1 else ".")
+              (f"; sampled runs (every {every}-th in name order, offsets merged) have checked "
+               f"{sum(r.get('failure') != NOT_SAMPLED for r in rows.values())} of them so far, the others are "
+               "listed as not run." if every > 1 else ".")
               , "", "| status | models |", "| --- | --- |"]
     lines += [f"| {s} | {n} |" for s, n in statuses.most_common()]
     passing = [r for r in rows.values() if r["status"] == "pass"]

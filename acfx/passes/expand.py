@@ -78,9 +78,9 @@ def expand(model: nn.Module, options: Optional[ExpandOptions] = None, *, inplace
               right column, the paper's ablation). Even kernel sides (2×2, 4×4) have no centre row: "centre"
               splits the branch's output channels between the two middle rows (even channels upper/left,
               odd lower/right) so that no half-pixel shift builds up with depth.
-            * ``gamma_init``: with init="scratch", the initial γ of all three branch BNs (the ACNet
-              reference suggests 1/3 when training does not improve). None leaves the k×k BN as it is and
-              the new BNs at 1.
+            * ``gamma_init``: with init="scratch", the initial γ of every branch BN (the ACNet
+              reference suggests 1/3 when training does not improve; 1/number of branches in general).
+              None leaves the k×k BN as it is and the new BNs at 1.
             * ``include_unnormed``: also expand eligible convs that no BN follows (e.g. DenseNet convs
               feeding a concat): the k×k branch stays without BN, the 1×k/k×1 branches get BNs of their
               own, and the collapsed conv gains a bias (reported as a change of structure).

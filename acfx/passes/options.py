@@ -62,7 +62,7 @@ class ExpandOptions:
     kxk_branches: Optional[int] = _option(None, f"k×k conv→BN branches per block, the conv's own included (1 to "
                                           f"{MAX_BRANCHES}; default: the recipe's, mobileone 4, the others 1)",
                                           structural=True)
-    gamma_init: Optional[float] = _option(None, "initial γ of all three branch BNs with init='scratch'")
+    gamma_init: Optional[float] = _option(None, "initial γ of every branch BN with init='scratch' (e.g. 1/number of branches)")
     include_unnormed: bool = _option(False, "also expand k×k convs that no BN follows (the collapsed conv gains a "
                                      "bias)", structural=True)
     filter_fn: Optional[FilterFn] = _option(None, "filter_fn(module, name) -> bool: expand only the convs it accepts",
