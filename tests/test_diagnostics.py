@@ -54,3 +54,42 @@ def test_round_trip_catches_a_wrong_fusion(monkeypatch):
 def test_round_trip_of_a_correct_fusion_is_exact():
     result = check_round_trip("plain", _Broken, torch.randn(2, 3, 16, 16))
     assert result.ok and result.error <= 1e-5 and result.local_error <= 1e-5, result
+
+
+class _Computing(_Broken):
+    """A constructor that reads its own tensors' values: it cannot be built on the meta device."""
+
+    def __init__(self):
+        super().__init__()
+        self.register_buffer("scale", torch.tensor(float(self.conv.weight.abs().max().item() > 0)))
+
+
+@pytest.mark.parametrize("build", [_Broken, _Computing])
+def test_strict_reload_checks_keys_and_shapes_on_a_fresh_model(build):
+    from acfx.tools.diagnostics import strict_reload_error
+    state = build().state_dict()
+    assert strict_reload_error(build, state) is None
+    extra = {**state, "stray": torch.zeros(1)}
+    assert "Unexpected key(s)" in strict_reload_error(build, extra)
+    missing = {k: v for k, v in state.items() if k != "bn.weight"}
+    assert "Missing key(s)" in strict_reload_error(build, missing)
+    wrong = {**state, "conv.weight": torch.zeros(8, 3, 1, 1)}
+    assert "size mismatch" in strict_reload_error(build, wrong)
+    # the user's build is called, not mutated: a real build still loads the state afterwards
+    build().load_state_dict(state, strict=True)
+
+
+def test_round_trip_reports_a_collapse_that_does_not_reload(monkeypatch):
+    import acfx.tools.diagnostics as diagnostics
+    real = diagnostics.collapse
+
+    def with_a_stray_buffer(model, **kwargs):
+        out = real(model, **kwargs)
+        collapsed = out[0] if isinstance(out, tuple) else out
+        collapsed.register_buffer("stray", torch.zeros(1))
+        return out
+
+    monkeypatch.setattr(diagnostics, "collapse", with_a_stray_buffer)
+    result = check_round_trip("stray", _Broken, torch.randn(2, 3, 16, 16))
+    assert result.failure is None and "Unexpected key(s)" in (result.strict_reload or ""), result
+    assert not result.ok, result

@@ -204,3 +204,33 @@ def test_cli_and_timm_offer_the_records_options():
     flags = {a.dest for a in _parser()._subparsers._group_actions[0].choices["collapse"]._actions}
     assert {f.name for f in ExpandOptions.fields(structural=True)} <= flags
     assert set(acfx.timm._OPTIONS) == {f.name for f in ExpandOptions.fields(timm=True)}
+
+
+@pytest.mark.parametrize("recipe", ["acb", "repvgg", "dbb", "mobileone", "acb+dbb"])
+@pytest.mark.parametrize("stride", [1, 2])  # stride 2: no identity branch, one branch fewer
+def test_balanced_gamma_is_one_over_each_blocks_branches(recipe, stride):
+    from acfx.layers.block import ACBlock
+    model = nn.Sequential(nn.Conv2d(8, 8, 3, stride, 1, bias=False), nn.BatchNorm2d(8))
+    expanded = acfx.expand(model, recipe=recipe, gamma_init="balanced")
+    block = next(m for m in expanded.modules() if isinstance(m, ACBlock))
+    branches = block.branches()
+    assert len(branches) > 1
+    for branch in branches:  # the BN the branch ends with: the one its output is summed through
+        gamma = branch.modules[-1].weight
+        assert torch.allclose(gamma, torch.full_like(gamma, 1 / len(branches))), (recipe, branch.name, gamma)
+    assert torch.equal(model[1].weight, torch.ones(8))  # the user's BN is not touched
+    online = acfx.expand(model, recipe=recipe, gamma_init="balanced", mode="online")
+    scales = [p for n, p in online.named_parameters() if n.endswith("_scale")]
+    assert len(scales) == len(branches)
+    for scale in scales:
+        assert torch.allclose(scale, torch.full_like(scale, 1 / len(branches))), (recipe, scale)
+
+
+@pytest.mark.parametrize("kwargs, error, match", [
+    (dict(gamma_init="balanced", init="preserve"), ValueError, "init='scratch'"),
+    (dict(gamma_init="balanced", norm="sum"), ValueError, "no branch BNs"),
+    (dict(gamma_init="even"), TypeError, "or 'balanced'"),
+])
+def test_balanced_gamma_is_refused_where_it_cannot_apply(kwargs, error, match):
+    with pytest.raises(error, match=match):
+        acfx.expand(TwoLayer(), **kwargs)

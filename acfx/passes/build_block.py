@@ -69,11 +69,14 @@ def _unnormed_bn(conv: nn.Conv2d) -> nn.Module:
 
 def _online(conv: nn.Conv2d, opts: ExpandOptions) -> BuiltSite:
     """Online mode: one conv with merged kernels; the BN (if any) stays in its slot."""
-    scale = 1.0 if opts.gamma_init is None else opts.gamma_init
-    asym = 0.0 if opts.init == "preserve" else scale
     recipe = opts.resolved_recipe()
+    extra = applicable_kinds(conv, recipe)
+    layout = plan_block(conv_geometry(conv), _asymmetric(recipe, opts), opts.placement, extra)
+    gamma = opts.branch_gamma(len(layout.branches))
+    scale = 1.0 if gamma is None else gamma
+    asym = 0.0 if opts.init == "preserve" else scale
     block = OnlineACConv(conv, _asymmetric(recipe, opts), opts.placement, scale=scale, asym_scale=asym,
-                         extra=applicable_kinds(conv, recipe))
+                         extra=extra)
     return BuiltSite(block, None)
 
 
@@ -165,6 +168,7 @@ def build_site(conv: nn.Conv2d, norm: Optional[nn.Module], opts: ExpandOptions) 
     assert square is not None and square.crop.is_zero, layout
     preserve = opts.init == "preserve"
     per_branch = opts.norm == "branch"
+    gamma_init = opts.branch_gamma(len(layout.branches))
     source = norm if norm is not None else _unnormed_bn(conv)
 
     def norm_for(features: Optional[int]) -> Optional[nn.Module]:
@@ -172,12 +176,11 @@ def build_site(conv: nn.Conv2d, norm: Optional[nn.Module], opts: ExpandOptions) 
             return None
         if features is not None:  # a BN inside the branch: nn.BatchNorm2d's start
             return branch_norm(source, None, None, features)
-        gamma = 0.0 if preserve else opts.gamma_init
-        return branch_norm(source, gamma, 0.0 if preserve else None)
+        return branch_norm(source, 0.0 if preserve else gamma_init, 0.0 if preserve else None)
 
     stages: Dict[str, List[Tuple[str, nn.Module]]] = {"square": [("square", _square(conv, layout))]}
     if per_branch and norm is not None:
-        stages["square"].append(("square_bn", plain_norm(norm, opts.gamma_init)))
+        stages["square"].append(("square_bn", plain_norm(norm, gamma_init)))
     for branch in layout.branches[1:]:
         stages[branch.name] = _stages(branch.kind, branch, conv, norm_for, zero=preserve and not per_branch)
     block = ACBlock(layout, stages, pad=_pre_pad(layout, geom), template=hollow_copy(conv))

@@ -79,7 +79,8 @@ def expand(model: nn.Module, options: Optional[ExpandOptions] = None, *, inplace
               splits the branch's output channels between the two middle rows (even channels upper/left,
               odd lower/right) so that no half-pixel shift builds up with depth.
             * ``gamma_init``: with init="scratch", the initial γ of every branch BN (the ACNet
-              reference suggests 1/3 when training does not improve; 1/number of branches in general).
+              reference suggests 1/3 when training does not improve). "balanced": 1 / the block's number
+              of branches, so that a many-branch block (DBB, MobileOne) starts at the scale of one conv.
               None leaves the k×k BN as it is and the new BNs at 1.
             * ``include_unnormed``: also expand eligible convs that no BN follows (e.g. DenseNet convs
               feeding a concat): the k×k branch stays without BN, the 1×k/k×1 branches get BNs of their

@@ -17,7 +17,7 @@ import torch.nn as nn
 from ..layers.recipe import MAX_BRANCHES, RECIPES, Recipe
 from .policies import FilterFn
 
-__all__ = ["ExpandOptions", "FilterFn", "Init", "Branches", "Norm", "Mode", "Placement", "RecipeName",
+__all__ = ["ExpandOptions", "FilterFn", "Init", "Branches", "Norm", "Mode", "Placement", "RecipeName", "GammaInit",
            "check_leaf_modules"]
 
 Init = Literal["scratch", "preserve"]
@@ -27,6 +27,9 @@ Mode = Literal["exact", "online"]
 Placement = Literal["centre", "border"]
 # Which branches a block sums, by name (acfx.layers.recipe.RECIPES; an acfx.Recipe record for any other).
 RecipeName = Literal["acb", "repvgg", "acb+repvgg", "dbb", "acb+dbb", "mobileone"]
+# γ of every branch BN as a number, or "balanced": 1 / the block's number of branches (a block then starts at
+# the scale of one conv however many branches its recipe sums).
+GammaInit = Union[float, Literal["balanced"]]
 
 
 def _option(default, help: str = "", structural: bool = False, timm: bool = True):
@@ -62,7 +65,8 @@ class ExpandOptions:
     kxk_branches: Optional[int] = _option(None, f"k×k conv→BN branches per block, the conv's own included (1 to "
                                           f"{MAX_BRANCHES}; default: the recipe's, mobileone 4, the others 1)",
                                           structural=True)
-    gamma_init: Optional[float] = _option(None, "initial γ of every branch BN with init='scratch' (e.g. 1/number of branches)")
+    gamma_init: Optional[GammaInit] = _option(None, "initial γ of every branch BN with init='scratch': a number, or "
+                                              "'balanced' (1/the block's number of branches)")
     include_unnormed: bool = _option(False, "also expand k×k convs that no BN follows (the collapsed conv gains a "
                                      "bias)", structural=True)
     filter_fn: Optional[FilterFn] = _option(None, "filter_fn(module, name) -> bool: expand only the convs it accepts",
@@ -134,6 +138,10 @@ class ExpandOptions:
             raise TypeError(f"acfx.expand: include_unnormed must be True or False, got {self.include_unnormed!r}")
         object.__setattr__(self, "leaf_modules", check_leaf_modules(self.leaf_modules))
 
+    def branch_gamma(self, branches: int) -> Optional[float]:
+        """The γ of a block's branch BNs as a number (None: the BN defaults), for a block of ``branches``."""
+        return 1.0 / branches if self.gamma_init == "balanced" else self.gamma_init
+
     def resolved_recipe(self) -> Recipe:
         """The recipe as a record, with ``kxk_branches`` applied."""
         recipe = self.recipe if isinstance(self.recipe, Recipe) else RECIPES[self.recipe]
@@ -155,12 +163,13 @@ class ExpandOptions:
                              "acfx.RECIPES['acb'] + your recipe) to combine them")
 
     def _check_gamma(self) -> None:
-        if isinstance(self.gamma_init, bool) or not isinstance(self.gamma_init, numbers.Real):
-            raise TypeError(f"acfx.expand: gamma_init must be a number (e.g. 1/3), got {self.gamma_init!r} "
-                            f"({type(self.gamma_init).__name__})")
-        if not math.isfinite(float(self.gamma_init)):
-            raise ValueError(f"acfx.expand: gamma_init must be finite, got {self.gamma_init!r}")
-        object.__setattr__(self, "gamma_init", float(self.gamma_init))
+        if self.gamma_init != "balanced":
+            if isinstance(self.gamma_init, bool) or not isinstance(self.gamma_init, numbers.Real):
+                raise TypeError(f"acfx.expand: gamma_init must be a number (e.g. 1/3) or 'balanced', got "
+                                f"{self.gamma_init!r} ({type(self.gamma_init).__name__})")
+            if not math.isfinite(float(self.gamma_init)):
+                raise ValueError(f"acfx.expand: gamma_init must be finite, got {self.gamma_init!r}")
+            object.__setattr__(self, "gamma_init", float(self.gamma_init))
         if self.init == "preserve":
             raise ValueError("acfx.expand: gamma_init changes the BN scales, so the expanded model would not "
                              "compute the original function; use it with init='scratch' or drop it")

@@ -18,7 +18,7 @@ from ..passes.expand import expand
 from ..passes.report import Report
 
 __all__ = ["randomize_norms", "relative_error", "RoundTrip", "check_round_trip", "param_count", "Float64Check",
-           "float64_check", "within_rounding", "saved_activation_bytes"]
+           "float64_check", "within_rounding", "saved_activation_bytes", "strict_reload_error", "load_error"]
 
 F64_TOLERANCE = 1e-10
 
@@ -230,13 +230,33 @@ def _measure(result: RoundTrip, build, x, expand_kwargs) -> None:
     result.error = relative_error(y_collapsed, y_expanded)
     state = collapsed.state_dict()
     del collapsed  # the float64 repetition below needs the memory more than the collapsed copy does
-    try:
-        build().load_state_dict(state, strict=True)
-    except RuntimeError as error:
-        result.strict_reload = " ".join(str(error).split())[:400]
+    result.strict_reload = strict_reload_error(build, state)
     del state
     if over_tolerance(result.error, result.tolerance):
         _measure_float64(result, expanded, y_expanded, y_collapsed, x)
+
+
+def strict_reload_error(build: Callable[[], nn.Module], state: Dict[str, torch.Tensor]) -> Optional[str]:
+    """Why ``state`` does not load strictly into a freshly built model, or None.
+
+    The model is built on the meta device where its constructor allows (keys and shapes are checked the
+    same way, and a model of billions of parameters costs no memory a second time); else on the CPU.
+    """
+    try:
+        with torch.device("meta"):
+            fresh, assign = build(), True
+    except Exception:  # a constructor that computes with its tensors: build it for real
+        fresh, assign = build(), False
+    return load_error(fresh, state, assign=assign)
+
+
+def load_error(model: nn.Module, state: Dict[str, torch.Tensor], assign: bool = False) -> Optional[str]:
+    """Why ``state`` does not load strictly into ``model`` (load_state_dict's message on one line), or None."""
+    try:
+        model.load_state_dict(state, strict=True, assign=assign)
+    except RuntimeError as error:
+        return " ".join(str(error).split())[:400]
+    return None
 
 
 def _local_error(expanded: nn.Module, collapsed: nn.Module, x: torch.Tensor) -> float:

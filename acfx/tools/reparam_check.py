@@ -19,6 +19,7 @@ from ..passes.reparam_guard import REPARAM_METHODS
 from .diagnostics import (
     Float64Check,
     float64_check,
+    load_error,
     over_tolerance,
     randomize_norms,
     relative_error,
@@ -103,10 +104,7 @@ def check_reparameterize(base: str, x: torch.Tensor, tolerance: float = 1e-5) ->
         result.error = relative_error(y_deployed, y)
         plain = reparameterize_model(timm.create_model(base).eval())
         result.same_types = [type(m) for m in deployed.modules()] == [type(m) for m in plain.modules()]
-        try:
-            plain.load_state_dict(deployed.state_dict(), strict=True)
-        except RuntimeError as error:
-            result.strict_reload = " ".join(str(error).split())[:300]
+        result.strict_reload = load_error(plain, deployed.state_dict())
         if over_tolerance(result.error, tolerance):
             result.float64 = float64_check(model, reparameterize_model, x, y, y_deployed)
     except Exception as error:  # reported, so that a sweep goes on
