@@ -51,6 +51,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE))
 
+from outputs import output_file  # noqa: E402
+
 import acfx  # noqa: E402
 from acfx.tools.kernels import kernel_magnitude  # noqa: E402  (the one import of it: its path may move)
 
@@ -868,9 +870,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = environment(args, data, recipe, device)
     env["wall_seconds"] = time.perf_counter() - start
     payload = report.payload(env, rows, {name: v.about for name, v in VARIANTS.items()})
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    stem.with_suffix(".md").write_text(report.markdown(payload))
-    report.plot(payload, stem.with_suffix(".png"))
+    output_file(stem, ".json").write_text(json.dumps(payload, indent=1))
+    output_file(stem, ".md").write_text(report.markdown(payload))
+    report.plot(payload, output_file(stem, ".png"))
     print(report.headline(payload))
     print(f"wrote {stem}.json, .md, .png in {env['wall_seconds']:.0f} s")
     return 0

@@ -345,11 +345,13 @@ def main(argv=None) -> int:
         rows[name] = {**{f"meta_{k}": v for k, v in detected[name].items() if k != "seconds"},
                       **checked.get(name, {"status": "not run", "failure": f"over --max-params "
                                                                             f"({detected[name]['params']:,} parameters)"})}
+    from outputs import output_file
+
     from coverage_report import NOT_SAMPLED, write_markdown
     stem = Path(args.out) if args.out else default_stem(args)
-    merge = args.merge and stem.with_suffix(".json").exists()
+    merge = args.merge and output_file(stem, ".json").exists()
     if args.merge and not merge:
-        print(f"--merge: no {stem.with_suffix('.json')} yet; writing a new table", flush=True)
+        print(f"--merge: no {output_file(stem, '.json')} yet; writing a new table", flush=True)
     if not merge:  # a sampled run lists the models it leaves, for later runs to fill in
         sampled = set(with_pairs)
         for name in all_pairs:
@@ -364,10 +366,10 @@ def main(argv=None) -> int:
                      "with_conv_bn_pair": len(all_pairs), "detection_failures": undetected, "results": rows},
                     collect(argv, __file__))
     if merge:
-        payload = _merged(stem.with_suffix(".json"), payload)
+        payload = _merged(output_file(stem, ".json"), payload)
         rows = payload["results"]
-    stem.with_suffix(".json").write_text(json.dumps(payload, indent=1, default=str))
-    stem.with_suffix(".md").write_text(write_markdown(payload))
+    output_file(stem, ".json").write_text(json.dumps(payload, indent=1, default=str))
+    output_file(stem, ".md").write_text(write_markdown(payload))
     statuses = [r["status"] for r in rows.values()]
     print({s: statuses.count(s) for s in sorted(set(statuses))})
     return 0 if all(s in ("pass", "not run") for s in statuses) else 1

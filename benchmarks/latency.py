@@ -26,6 +26,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from outputs import output_file  # noqa: E402
+
 import acfx  # noqa: E402
 from acfx.tools.diagnostics import randomize_norms  # noqa: E402
 from acfx.tools.zoo import build_model  # noqa: E402
@@ -132,8 +134,8 @@ def main(argv=None) -> int:
     args = _parse(argv)
     torch.backends.cudnn.benchmark = True
     rows, earlier = [], []
-    if args.append and args.out.with_suffix(".json").exists():
-        stored = json.loads(args.out.with_suffix(".json").read_text())
+    if args.append and output_file(args.out, ".json").exists():
+        stored = json.loads(output_file(args.out, ".json").read_text())
         rows = stored["rows"]  # rows of earlier runs: their records are kept beside this run's
         earlier = stored.get("earlier_environments", []) + [stored["environment"]]
     for name in args.models:
@@ -150,10 +152,10 @@ def main(argv=None) -> int:
                           f"same kernels: {row['same_kernels']}", flush=True)
     payload = {"environment": environment(args), "rows": rows, **({"earlier_environments": earlier} if earlier else {})}
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
+    output_file(args.out, ".json").write_text(json.dumps(payload, indent=1))
     from latency_report import write_markdown, write_plot
-    args.out.with_suffix(".md").write_text(write_markdown(payload))
-    write_plot(payload, args.out.with_suffix(".png"))
+    output_file(args.out, ".md").write_text(write_markdown(payload))
+    write_plot(payload, output_file(args.out, ".png"))
     different = [r for r in rows if not r["same_kernels"]]
     for r in different:
         print(f"DIFFERENT KERNELS: {r['model']} b{r['batch']} {r['dtype']} {r['mode']}: {r['kernel_diff']}")

@@ -29,6 +29,8 @@ sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 sys.path.insert(0, str(HERE.parent / "tests"))  # the repositories' blocks as the tests re-implement them
 
+from outputs import output_file  # noqa: E402
+
 import acfx  # noqa: E402
 from acfx.tools.diagnostics import relative_error  # noqa: E402
 
@@ -170,8 +172,8 @@ def main(argv=None) -> int:
     payload = stamp({"environment": {"device": device_label(args.device, env), "img_size": args.img_size,
                                      "rounds": args.rounds}, "rows": rows, "skipped": skipped}, env)
     args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    args.out.with_suffix(".md").write_text(write_markdown(payload))
+    output_file(args.out, ".json").write_text(json.dumps(payload, indent=1))
+    output_file(args.out, ".md").write_text(write_markdown(payload))
     bad = [r for r in rows if r["convolutions"]["acfx.collapse"] > r["convolutions"]["deploy form"]
            or not r["error_vs_unfused"] <= 1e-4]
     for r in bad:

@@ -32,6 +32,8 @@ HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(0, str(HERE.parent))
 
+from outputs import output_file  # noqa: E402
+
 import acfx  # noqa: E402
 from acfx.tools.diagnostics import saved_activation_bytes  # noqa: E402
 from acfx.tools.zoo import build_model  # noqa: E402
@@ -245,9 +247,9 @@ def main(argv=None) -> int:
                      "rows": rows}, env)
     out = Path(args.out) if args.out else HERE / "results" / f"train_{'cpu' if cpu else 'gpu'}"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.with_suffix(".json").write_text(json.dumps(payload, indent=1))
-    out.with_suffix(".md").write_text(write_markdown(payload))
-    write_plot(payload, out.with_suffix(".png"))
+    output_file(out, ".json").write_text(json.dumps(payload, indent=1))
+    output_file(out, ".md").write_text(write_markdown(payload))
+    write_plot(payload, output_file(out, ".png"))
     return 0
 
 

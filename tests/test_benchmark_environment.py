@@ -1,4 +1,5 @@
-"""The benchmarks' shared environment record (benchmarks/environment.py) and timer (benchmarks/timing.py)."""
+"""The benchmarks' shared environment record (benchmarks/environment.py), timer (benchmarks/timing.py) and
+result file names (benchmarks/outputs.py)."""
 import dataclasses
 import json
 import sys
@@ -8,6 +9,8 @@ import pytest
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
+
+import outputs  # noqa: E402
 
 import environment  # noqa: E402
 import timing  # noqa: E402
@@ -97,3 +100,13 @@ def test_a_call_without_tensors_is_timed_on_the_cpu():
     count = []
     timer = timing.make_timer(lambda: count.append(1), warmup=3)
     assert len(count) == 3 and timer.measure(4) >= 0 and len(count) == 7
+
+
+@pytest.mark.parametrize("stem, suffix, name", [
+    ("results/accuracy_digits_frac0.25", ".json", "accuracy_digits_frac0.25.json"),  # with_suffix: frac0.json
+    ("results/accuracy_digits_frac0.1", ".md", "accuracy_digits_frac0.1.md"),
+    ("results/coverage_timm", ".png", "coverage_timm.png"),
+])
+def test_result_files_keep_a_stem_with_a_dot(stem, suffix, name):
+    path = outputs.output_file(stem, suffix)
+    assert path == Path("results") / name, path
