@@ -11,8 +11,9 @@ base, acnet (both asymmetric branches, BN γ = 1), acnet-hor, acnet-ver (the pap
 OREPA-style mode), acnet-gamma3 (branch BN γ initialised to 1/3: the reference's advice when training does not
 improve, and the setting its own CIFAR runs use, gamma_init=0.333 in acnet/do_acnet.py), acnet-sum
 (norm="sum": one BN after the sum of the three convs, a candidate int8 fix), the later recipes (repvgg, dbb,
-mobileone and their online forms) and dbb-gamma4 / mobileone-gamma6 (every branch BN's γ at 1/branches, so
-that a many-branch block starts at the scale of one conv). --variants picks a subset.
+mobileone and their online forms), repvgg-balanced (gamma_init="balanced") and dbb-gamma4 / mobileone-gamma6
+(every branch BN's γ at 1/4 and 1/6: "balanced" on DBB's four branches, and on MobileOne's six where the
+identity applies), so that a many-branch block starts at the scale of one conv. --variants picks a subset.
 
 For every trained model: top-1 of the trained (expanded) model, of acfx.collapse and of
 acfx.collapse(fold_bn=True), asserted to predict identically; of int8 models (post-training quantization of
@@ -90,6 +91,8 @@ VARIANTS: Dict[str, Variant] = {v.name: v for v in (
     Variant("dbb", {"recipe": "dbb"}, "DBB's branches: k×k, 1×1, 1×1→k×k and 1×1→average, each with its BN"),
     Variant("mobileone", {"recipe": "mobileone"}, "MobileOne's branches: four k×k, 1×1 and identity BN, each with "
             "its BN"),
+    Variant("repvgg-balanced", {"recipe": "repvgg", "gamma_init": "balanced"},
+            "RepVGG with gamma_init='balanced': every branch BN's γ at 1/3 (1/2 where there is no identity branch)"),
     Variant("dbb-gamma4", {"recipe": "dbb", "gamma_init": 1 / 4},
             "DBB with every branch BN's γ initialised to 1/4, so that the four branches sum to the scale of one"),
     Variant("mobileone-gamma6", {"recipe": "mobileone", "gamma_init": 1 / 6},
