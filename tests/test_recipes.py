@@ -56,6 +56,21 @@ def test_recipe_preserves_the_function_and_collapses_exactly(geom, recipe):
     model.load_state_dict(collapsed.state_dict(), strict=True)  # the original architecture, weight for weight
 
 
+@pytest.mark.parametrize("recipe", ["acb+dbb", "mobileone"])
+@pytest.mark.parametrize("geom", GEOMETRIES, ids=_ids)
+def test_eval_shift_is_the_bias_of_the_fused_conv(geom, recipe):
+    """An eval forward subtracts the block's shift and its BN slot adds it back: the model's output cannot
+    show a wrong shift, so it is checked against the fused conv's bias (composed kernels, float64)."""
+    from acfx.layers.block import ACBlock
+    torch.manual_seed(0)
+    model = _conv_bn(geom, dtype=torch.float64)
+    block = next(m for m in randomize_bn(acfx.expand(model, recipe=recipe), seed=5).eval().modules()
+                 if isinstance(m, ACBlock))
+    with torch.no_grad():
+        shift, (_, bias) = block.eval_shift(), block.fused()
+    assert_rel_close(shift, bias, tol=1e-12, what=f"{recipe}: eval_shift vs the fused conv's bias")
+
+
 @pytest.mark.parametrize("recipe", RECIPES)
 def test_channel_changing_and_strided_convs_get_no_identity(recipe):
     model = nn.Sequential(nn.Conv2d(8, 16, 3, padding=1, bias=False), nn.BatchNorm2d(16))

@@ -37,7 +37,7 @@ from .recipe import MAX_BRANCHES
 # ACBlock's TorchScript forward spells out the repeated k×k branches square_1 … square_7.
 assert MAX_BRANCHES == 8
 from .recorded_layout import RecordedLayout
-from .stage_maps import branch_map
+from .stage_maps import branch_bias, branch_map
 
 # True inside fx.symbolic_trace; older torch only has is_fx_tracing, which export sets too.
 _symbolic_tracing = getattr(_fx_trace, "is_fx_symbolic_tracing", _fx_trace.is_fx_tracing)
@@ -338,11 +338,10 @@ class ACBlock(RecordedLayout):
         for names, crop in zip(self._stages, self.plan.branches):
             modules = [self._modules[name] for name in names]
             if len(modules) > 2 or (len(modules) == 2 and _is_norm(modules[0])):
-                found = branch_map(modules, names, crop.crop, self.in_channels, primary.weight)
+                found = branch_bias(modules, names, self.in_channels, primary.weight)
                 if isinstance(found, Inexact):
                     raise AssertionError(f"acfx internal error: branch {names} is not linear: {found.reason}")
-                if found.bias is not None:
-                    shift = shift + found.bias
+                shift = shift + found
                 continue
             conv = modules[0] if modules and not _is_norm(modules[0]) else None
             norm = modules[-1] if modules and _is_norm(modules[-1]) else None

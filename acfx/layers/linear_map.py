@@ -72,6 +72,14 @@ class ConvMap:
         return self.kernel_size == (1, 1) and self.stride == (1, 1)
 
     # -- constructors -----------------------------------------------------------------------------------
+    def constant_response(self, value: torch.Tensor) -> torch.Tensor:
+        """The output [C_out] where the window lies inside the input, for an input equal to ``value`` [C_in] at
+        every position: each filter's taps summed, times the value, plus the bias."""
+        taps = self.kernel.sum((2, 3))  # [C_out, C_in / groups]
+        per_group = taps.view(self.groups, -1, taps.shape[1]) @ value.view(self.groups, -1, 1)
+        out = per_group.reshape(-1)
+        return out if self.bias is None else out + self.bias
+
     @classmethod
     def identity(cls, channels: int, like: torch.Tensor) -> "ConvMap":
         """The identity of ``channels`` channels, as a depthwise 1×1 convolution with kernel 1."""

@@ -17,7 +17,7 @@ from .linear_map import ConvMap, Inexact, compose
 from .norms import foldable_norm, norm_affine
 from .split_conv import EvenSplitConv2d
 
-__all__ = ["conv_map", "pool_map", "apply_module", "branch_map"]
+__all__ = ["conv_map", "pool_map", "apply_module", "branch_map", "branch_bias"]
 
 
 def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None, any_mode: bool = False) -> Union[ConvMap, Inexact]:
@@ -102,6 +102,20 @@ def branch_map(modules, names, crop: Window, channels: int, like: torch.Tensor) 
     if current is None:
         current = ConvMap.identity(channels, like)
     return current.reading(Window() - crop)
+
+
+def branch_bias(modules, names, channels: int, like: torch.Tensor) -> Union[torch.Tensor, Inexact]:
+    """The bias of the map a branch computes: its output away from the border on an input of zeros, found by
+    running that constant through each module's own map. Nothing is composed, so an eval forward that needs
+    the bias (ACBlock.eval_shift) costs a few small products, not the branch's whole kernel."""
+    value = torch.zeros(channels, dtype=like.dtype, device=like.device)
+    for module, name in zip(modules, names):
+        step = apply_module(None, module, name, like, value.shape[0])
+        if isinstance(step, Inexact):
+            return step
+        if step is not None:  # None: an identity
+            value = step.constant_response(value)
+    return value
 
 
 def _named(result: Union[ConvMap, Inexact], name: str) -> Union[ConvMap, Inexact]:
