@@ -106,7 +106,8 @@ def write_markdown(payload: dict) -> str:
         lines += ["", "## Not passing, grouped by reason", "", "| models | reason |", "| --- | --- |"]
         lines += [f"| {n} | {reason} |" for reason, n in groups.most_common()]
         lines += ["", "## Not passing, per model", "", "| model | status | reason |", "| --- | --- | --- |"]
-        lines += [f"| {n} | {r['status']} | {_failure_text(r)[:300]} |" for n, r in sorted(failures.items())]
+        lines += [f"| {n} | {r['status']} | {_failure_text(r)[:300]} |" for n, r in sorted(failures.items())
+                  if r.get("failure") != NOT_SAMPLED]  # those are counted above, and listed by name in the JSON
     if payload.get("detection_failures"):
         lines += ["", "## Models that could not be inspected", "", "| model | reason |", "| --- | --- |"]
         lines += [f"| {n} | {r.get('failure', '')[:200]} |" for n, r in sorted(payload["detection_failures"].items())]
@@ -115,6 +116,8 @@ def write_markdown(payload: dict) -> str:
               "f64 error | strict reload | s |",
               "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
     for name, r in sorted(rows.items()):
+        if r.get("failure") == NOT_SAMPLED:
+            continue
         reload = "" if r["status"] in ("not run", "error", "timeout", "crash") else (
             "ok" if not r.get("strict_reload") else ("n/a" if r.get("structure_changes") else "FAIL"))
         lines.append(f"| {name} | {r['status']} | {r.get('meta_pairs', '')} | {r.get('expanded', '')} | "
