@@ -71,7 +71,6 @@ class ConvMap:
         """A 1×1 map of stride 1: each output point reads one input point."""
         return self.kernel_size == (1, 1) and self.stride == (1, 1)
 
-    # -- constructors -----------------------------------------------------------------------------------
     def constant_response(self, value: torch.Tensor) -> torch.Tensor:
         """The output [C_out] where the window lies inside the input, for an input equal to ``value`` [C_in] at
         every position: each filter's taps summed, times the value, plus the bias."""
@@ -80,6 +79,7 @@ class ConvMap:
         out = per_group.reshape(-1)
         return out if self.bias is None else out + self.bias
 
+    # -- constructors -----------------------------------------------------------------------------------
     @classmethod
     def identity(cls, channels: int, like: torch.Tensor) -> "ConvMap":
         """The identity of ``channels`` channels, as a depthwise 1×1 convolution with kernel 1."""
