@@ -9,7 +9,8 @@ Sources: RepVGG (DingXiaoH/RepVGG, repvgg.py: RepVGGBlock, SEBlock), DBB (DingXi
 DiverseBranchBlock, IdentityBasedConv1x1, BNAndPadLayer, dbb_transforms), OREPA (JUGGHM/OREPA_CVPR2022,
 blocks.py: OREPA and its weight_gen), MobileOne (apple/ml-mobileone: MobileOneBlock), RepGhost
 (ChengpengChen/RepGhost: RepGhostModule), YOLOv6 (meituan/YOLOv6: RepVGGBlock, QARepVGGBlock), YOLOv7
-(WongKinYiu/yolov7: RepConv, ImplicitA, ImplicitM).
+(WongKinYiu/yolov7: RepConv, ImplicitA, ImplicitM), RepLKNet (DingXiaoH/RepLKNet-pytorch: ReparamLargeKernelConv),
+UniRepLKNet (AILab-CVC/UniRepLKNet: DilatedReparamBlock).
 """
 import math
 
@@ -496,6 +497,70 @@ class OREPA(nn.Module):
         template = nn.Conv2d(self.in_channels, self.out_channels, self.kernel_size, self.stride, self.padding,
                              self.dilation, self.groups)
         return Deployed(deploy_conv(template, kernel, bias), self.nonlinear)
+
+
+# -- RepLKNet, UniRepLKNet --------------------------------------------------------------------------------------
+class ReparamLargeKernelConv(nn.Module):
+    """RepLKNet's large depthwise kernel: a k×k conv→BN beside a small (5×5) conv→BN, summed in place."""
+
+    def __init__(self, channels, kernel_size, small_kernel=5):
+        super().__init__()
+        self.lkb_origin = conv_bn(channels, channels, kernel_size, 1, kernel_size // 2, channels)
+        self.small_conv = conv_bn(channels, channels, small_kernel, 1, small_kernel // 2, channels)
+
+    def forward(self, inputs):
+        out = self.lkb_origin(inputs)
+        out += self.small_conv(inputs)
+        return out
+
+    def deploy(self):
+        kernel, bias = fuse_bn(self.lkb_origin.conv.weight, self.lkb_origin.bn)
+        ks, bs = fuse_bn(self.small_conv.conv.weight, self.small_conv.bn)
+        return deploy_conv(self.lkb_origin.conv, kernel + pad_to(ks, kernel.shape[-1]), bias + bs)
+
+
+# UniRepLKNet's small kernels and dilations beside each large kernel size
+DILATED_BRANCHES = {7: ([5, 3, 3], [1, 2, 3]), 9: ([5, 5, 3, 3], [1, 2, 3, 4]), 13: ([5, 7, 3, 3, 3], [1, 2, 3, 4, 5])}
+
+
+def dilated_to_dense(kernel, dilation):
+    """A dilated kernel as a dense one with zeros between its taps: UniRepLKNet's transposed conv of the kernel
+    with a 1×1 one at stride ``dilation``."""
+    if dilation == 1:
+        return kernel
+    ones = torch.ones(1, 1, 1, 1, dtype=kernel.dtype)
+    return F.conv_transpose2d(kernel.flatten(0, 1).unsqueeze(1), ones, stride=dilation).view(
+        *kernel.shape[:2], *[(k - 1) * dilation + 1 for k in kernel.shape[-2:]])
+
+
+class DilatedReparamBlock(nn.Module):
+    """UniRepLKNet's block: a large depthwise conv→BN beside depthwise conv→BN branches of smaller dilated
+    kernels (made with setattr), summed; each dilated kernel covers at most the large one."""
+
+    def __init__(self, channels, kernel_size):
+        super().__init__()
+        self.lk_origin = nn.Conv2d(channels, channels, kernel_size, 1, kernel_size // 2, groups=channels, bias=False)
+        self.origin_bn = nn.BatchNorm2d(channels)
+        self.kernel_sizes, self.dilates = DILATED_BRANCHES[kernel_size]
+        for k, r in zip(self.kernel_sizes, self.dilates):
+            self.__setattr__(f"dil_conv_k{k}_{r}", nn.Conv2d(channels, channels, k, 1, (r * (k - 1) + 1) // 2,
+                                                            dilation=r, groups=channels, bias=False))
+            self.__setattr__(f"dil_bn_k{k}_{r}", nn.BatchNorm2d(channels))
+
+    def forward(self, x):
+        out = self.origin_bn(self.lk_origin(x))
+        for k, r in zip(self.kernel_sizes, self.dilates):
+            conv = self.__getattr__(f"dil_conv_k{k}_{r}")
+            bn = self.__getattr__(f"dil_bn_k{k}_{r}")
+            out = out + bn(conv(x))
+        return out
+
+    def deploy(self):
+        kernel, bias = fuse_bn(self.lk_origin.weight, self.origin_bn)
+        for k, r in zip(self.kernel_sizes, self.dilates):
+            kd, bd = fuse_bn(self.__getattr__(f"dil_conv_k{k}_{r}").weight, self.__getattr__(f"dil_bn_k{k}_{r}"))
+            kernel, bias = kernel + pad_to(dilated_to_dense(kd, r), kernel.shape[-1]), bias + bd
+        return deploy_conv(self.lk_origin, kernel, bias)
 
 
 # -- whole models ---------------------------------------------------------------------------------------------

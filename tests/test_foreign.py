@@ -137,8 +137,8 @@ class InlineSum(nn.Module):
 class Misaligned(nn.Module):
     def __init__(self):
         super().__init__()
-        self.a = nn.Conv2d(3, 4, 3, padding=1)
-        self.b = nn.Conv2d(3, 4, 3, padding=2, dilation=2)
+        self.a = nn.Conv2d(3, 4, 3, padding=2, dilation=2)  # taps at -2, 0, 2 of each output point
+        self.b = nn.Conv2d(3, 4, 2, padding=1, dilation=2)  # taps at -1, 1: no common lattice of dilation 2
 
     def forward(self, x):
         return self.a(x) + self.b(x)
@@ -156,7 +156,7 @@ class WithIdentity(nn.Module):
 
 def test_blocks_that_cannot_be_swapped_are_left_alone_and_reported():
     cases = [(InlineSum(), "summed inline in the model's own forward"),
-             (Misaligned(), "differ in dilation")]
+             (Misaligned(), "do not fit in one sliding window")]
     for model, reason in cases:
         model = randomize_bn(model).eval()
         collapsed, report = acfx.collapse(model, return_report=True)

@@ -4,6 +4,7 @@ Each finder is matching only: it returns records and changes nothing. Here each 
 node by node (no tracing), so that what it must and must not match is stated exactly; the behaviour tests
 (expand, collapse) run them on real models.
 """
+import math
 import operator
 
 import pytest
@@ -167,6 +168,25 @@ def test_add_of_maps_over_one_window_is_the_sum_of_their_outputs(stride, dilatio
     summed = add(maps)
     assert not isinstance(summed, Inexact) and summed.kernel_size == (3, 3) and summed.groups == 1
     assert_rel_close(_run(summed, X), sum(_run(m, X) for m in maps))
+
+
+@pytest.mark.parametrize("specs", [[((5, 5), (1, 1)), ((3, 3), (3, 3))],  # the dilated kernel reaches further
+                                   [((5, 5), (2, 2)), ((3, 3), (4, 4)), ((1, 3), (1, 6))],  # common dilation 2
+                                   [((3, 5), (2, 1)), ((3, 3), (3, 2))]])  # per axis: dilation (1, 1)
+def test_add_of_maps_of_different_dilations_spreads_their_kernels_to_a_common_one(specs):
+    reach = [(k[0] - 1) * d[0] // 2 for k, d in specs], [(k[1] - 1) * d[1] // 2 for k, d in specs]
+    maps = [_random(8, 8, k, groups=8 if i else 1, dilation=d, seed=10 + i, window=Window(r, r, c, c))
+            for i, ((k, d), r, c) in enumerate(zip(specs, *reach))]
+    summed = add(maps)
+    assert not isinstance(summed, Inexact), summed
+    used = [[d[a] for k, d in specs if k[a] > 1] for a in (0, 1)]
+    assert summed.dilation == tuple(math.gcd(*u) for u in used)
+    assert_rel_close(_run(summed, X), sum(_run(m, X) for m in maps))
+
+
+def test_a_map_is_not_rewritten_at_a_dilation_that_does_not_divide_its_own():
+    assert isinstance(_random(8, 8, (3, 3), dilation=(3, 3)).with_dilation((2, 2)), Inexact)
+    assert _random(8, 8, (1, 1), dilation=(3, 3)).with_dilation((2, 2)).dilation == (2, 2)  # one tap: any
 
 
 def test_add_refuses_maps_that_do_not_share_a_window():

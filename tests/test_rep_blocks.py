@@ -16,10 +16,12 @@ import acfx
 from helpers import assert_rel_close
 from rep_blocks import (
     OREPA,
+    DilatedReparamBlock,
     DiverseBranchBlock,
     ImplicitHead,
     MobileOneBlock,
     QARepVGGBlock,
+    ReparamLargeKernelConv,
     RepConv,
     RepGhostModule,
     RepVGGBlock,
@@ -48,6 +50,9 @@ BLOCKS = {
     "dbb-depthwise": lambda: DiverseBranchBlock(8, 8, 3, groups=8),
     "orepa": lambda: OREPA(8, 8, 3, nonlinear=nn.ReLU()),
     "orepa-stride2": lambda: OREPA(8, 16, 3, stride=2),
+    "replknet": lambda: ReparamLargeKernelConv(8, 9),
+    "unireplknet-7": lambda: DilatedReparamBlock(8, 7),
+    "unireplknet-13": lambda: DilatedReparamBlock(8, 13),
 }
 
 
@@ -116,11 +121,11 @@ class _NonLinearBranch(nn.Module):
 
 
 class _Misaligned(nn.Module):
-    """Two 3x3 branches of one output size whose taps do not line up (one dilated)."""
+    """Two dilated branches of one output size whose taps do not line up (-2, 0, 2 and -1, 1)."""
 
     def __init__(self):
         super().__init__()
-        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=2, dilation=2), nn.Conv2d(8, 8, 2, padding=1, dilation=2)
 
     def forward(self, x):
         return self.a(x) + self.b(x)
@@ -138,7 +143,7 @@ def _left_as_it_was(model, x):
 
 
 @pytest.mark.parametrize("block,reason", [(_NonLinearBranch, "not a linear map of the branches' input"),
-                                          (_Misaligned, "differ in dilation")])
+                                          (_Misaligned, "do not fit in one sliding window")])
 def test_blocks_that_are_not_one_conv_are_left_with_the_reason(block, reason):
     torch.manual_seed(0)
     model = trained(nn.Sequential(nn.Conv2d(3, 8, 1), block()))

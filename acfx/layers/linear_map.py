@@ -11,7 +11,8 @@ to (Ding et al.: ACNet, Sect. 3.3; DBB, Sect. 3; OREPA):
 * :meth:`ConvMap.identity`, :meth:`ConvMap.avg_pool`: the identity and average pooling as convolutions;
 * :func:`compose`: a pointwise map followed by a convolution (DBB's 1×1 → k×k and 1×1 → average branches),
   exact only where the padding between them pads with what the first map gives on the border;
-* :func:`add`: maps over the same sliding window summed into one kernel (the ACB's three branches).
+* :func:`add`: maps over the same sliding window summed into one kernel (the ACB's three branches; kernels of
+  different dilations are first spread out to a common one, UniRepLKNet's dilated re-parameterisation).
 
 Nothing here needs a graph or a module: it is arithmetic on tensors in whatever dtype they come (fusion runs
 it in float64 under no_grad; online re-parameterisation runs it with autograd every step). Each operation
@@ -20,6 +21,7 @@ returns a result or the reason it is not exact; nothing is ever approximated.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -135,6 +137,21 @@ class ConvMap:
         del per_out
         return dataclasses.replace(self, kernel=kernel, groups=groups)
 
+    def with_dilation(self, dilation: Pair) -> Union["ConvMap", Inexact]:
+        """The same map at a dilation that divides its own: the kernel spread out with zeros between its taps
+        (a 3×3 kernel of dilation 2 is a 5×5 kernel of dilation 1). A side of one tap takes any dilation."""
+        steps = []
+        for own, new, k in zip(self.dilation, dilation, self.kernel_size):
+            if k > 1 and own % new:
+                return Inexact(f"a map of dilation {self.dilation} cannot be written with dilation {tuple(dilation)}")
+            steps.append(own // new if k > 1 else 1)
+        if steps == [1, 1]:
+            return dataclasses.replace(self, dilation=tuple(dilation))
+        (kh, kw), (sh, sw) = self.kernel_size, steps
+        kernel = self.kernel.new_zeros(*self.kernel.shape[:2], (kh - 1) * sh + 1, (kw - 1) * sw + 1)
+        kernel[..., ::sh, ::sw] = self.kernel
+        return dataclasses.replace(self, kernel=kernel, dilation=tuple(dilation))
+
     def embedded(self, kernel_size: Pair, offset: Pair) -> "ConvMap":
         """The kernel placed at ``offset`` (row, column) of a zero kernel of ``kernel_size``; the window grows
         so that the map is the same."""
@@ -210,6 +227,13 @@ class Alignment:
     dilation: Pair = (1, 1)
 
 
+def _common_dilation(maps: Sequence[ConvMap]) -> List[ConvMap]:
+    """The maps written with one dilation per axis, the greatest that divides all of theirs (UniRepLKNet's
+    dilated small kernels beside a large one become kernels of dilation 1 with zeros between their taps)."""
+    common = tuple(math.gcd(*{m.dilation[axis] for m in maps if m.kernel_size[axis] > 1} or {1}) for axis in (0, 1))
+    return [m.with_dilation(common) for m in maps]  # never Inexact: the gcd divides every dilation
+
+
 def _dilation(maps: Sequence[ConvMap], axis: int) -> Optional[int]:
     """The one dilation of ``maps`` along ``axis``, ignoring kernels of one tap there (None: they differ)."""
     used = {m.dilation[axis] for m in maps if m.kernel_size[axis] > 1}
@@ -235,9 +259,11 @@ def align(maps: Sequence[ConvMap]) -> Union[Alignment, Inexact]:
 
 
 def add(maps: Sequence[ConvMap]) -> Union[ConvMap, Inexact]:
-    """The sum of maps of one input over the same sliding window, as one map."""
+    """The sum of maps of one input over the same sliding window, as one map (at the greatest dilation that
+    divides all of theirs)."""
     if not maps:
         return Inexact("nothing to add")
+    maps = _common_dilation(maps)
     aligned = align(maps)
     if isinstance(aligned, Inexact):
         return aligned
