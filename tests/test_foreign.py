@@ -1,4 +1,5 @@
 """Collapse is a graph pass: it fuses ACNet-style blocks acfx did not create, and says what it leaves."""
+import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -166,6 +167,31 @@ def test_blocks_that_cannot_be_swapped_are_left_alone_and_reported():
         x = torch.randn(1, 3, 8, 8)
         with torch.no_grad():
             assert torch.equal(collapsed(x), model(x))
+
+
+class OtherDimRepVGG(nn.Module):
+    """A RepVGG block of Conv1d or Conv3d branches, each with its BN, and an identity BN."""
+
+    def __init__(self, conv, norm, channels=4):
+        super().__init__()
+        self.dense = nn.Sequential(conv(channels, channels, 3, padding=1, bias=False), norm(channels))
+        self.point = nn.Sequential(conv(channels, channels, 1, bias=False), norm(channels))
+        self.skip = norm(channels)
+
+    def forward(self, x):
+        return F.relu(self.dense(x) + self.point(x) + self.skip(x))
+
+
+@pytest.mark.parametrize("conv,norm,size", [(nn.Conv1d, nn.BatchNorm1d, (2, 4, 9)),
+                                            (nn.Conv3d, nn.BatchNorm3d, (2, 4, 5, 5, 5))], ids=["1d", "3d"])
+def test_a_block_of_1d_or_3d_convs_is_reported_and_left_as_it_was(conv, norm, size):
+    model = randomize_bn(nn.Sequential(conv(4, 4, 1), OtherDimRepVGG(conv, norm))).eval()
+    x = torch.randn(*size)
+    collapsed, report = acfx.collapse(model, return_report=True)
+    assert [(e.name, "not a 2-d convolution" in e.detail) for e in report.skipped] == [("1", True)], report
+    assert [type(m) for m in collapsed.modules()] == [type(m) for m in model.modules()]
+    with torch.no_grad():
+        assert torch.equal(collapsed(x), model(x))
 
 
 def test_a_block_with_an_identity_branch_becomes_one_conv():

@@ -80,6 +80,9 @@ def apply_module(current: Optional[ConvMap], module: nn.Module, name: str, like:
             return Inexact(f"{name}: {step.reason}")
         return step if current is None else _named(compose(current, step), name)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
+        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d)):
+            return Inexact(f"{name}: {type(module).__name__} normalises a 1-d or 3-d tensor; acfx fuses 2-d "
+                           "convolutions and their BNs only")
         if not foldable_norm(module):
             return Inexact(f"{name}: {type(module).__name__} is not an affine map in eval (drop/act or no statistics)")
         scale, shift = norm_affine(module, name)

@@ -36,6 +36,7 @@ _PADS = (F.pad,) + ((torch._C._nn.pad,) if hasattr(torch._C._nn, "pad") else ())
 _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "normal", "bernoulli", "dropout", "uniform_",
            "normal_", "manual_seed", "empty", "empty_like"}
 _IDENTITY_METHODS = {"contiguous", "clone"}
+_OTHER_DIM_NORMS = (nn.BatchNorm1d, nn.BatchNorm3d)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -94,6 +95,8 @@ def _module_op(node: fx.Node, module: nn.Module) -> Optional[LinearOp]:
         return LinearOp(node, "unknown_conv", (source,), module, arguments=(reason,))
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and foldable_norm(module):
         return LinearOp(node, "norm", (source,), module)
+    if isinstance(module, _OTHER_DIM_NORMS):  # linear too: a block of Conv1d or Conv3d branches is found and
+        return LinearOp(node, "norm", (source,), module)  # reported with why it is left (its convs)
     if bias_padded_norm(module) is not None:
         return LinearOp(node, "bias_padded_norm", (source,), module)
     if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout2d, DropPath)):  # eval: the identity
