@@ -125,6 +125,16 @@ def test_other_wrappers_are_refused(wrap, kind):
         acfx.collapse(wrapped)
 
 
+@pytest.mark.parametrize("compile_", [torch.jit.script, lambda m: torch.jit.trace(m, torch.randn(1, 3, 8, 8))],
+                         ids=["script", "trace"])
+def test_a_torchscript_model_is_refused_with_the_fix(compile_):
+    scripted = compile_(_net().eval())
+    for name, run in [("expand", acfx.expand), ("collapse", acfx.collapse), ("set_exact_impl", lambda m: acfx.set_exact_impl(m, "recompute")),
+                      ("unfreeze_batch_norm", acfx.unfreeze_batch_norm)]:
+        with pytest.raises(TypeError, match=f"acfx.{name}: the model is a TorchScript module.*before scripting it"):
+            run(scripted)
+
+
 # -- outputs of the command line ------------------------------------------------------------------------------
 def test_cli_never_replaces_its_input_or_an_existing_file_unasked(tmp_path, capsys):
     _, path = _save_acb(tmp_path)

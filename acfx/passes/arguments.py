@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import copy
 
+import torch
 import torch.nn as nn
 
 from ..layers.module_copies import copy_modes
@@ -14,6 +15,10 @@ def check_model(model: object, pass_name: str) -> None:
     if not isinstance(model, nn.Module):
         raise TypeError(f"acfx.{pass_name} expects a torch.nn.Module, got {type(model).__name__}; "
                         "pass the model itself (not its state_dict or a GraphModule's code)")
+    if isinstance(model, torch.jit.ScriptModule):  # its compiled code runs, not the modules a pass would swap
+        raise TypeError(f"acfx.{pass_name}: the model is a TorchScript module (torch.jit.script or torch.jit.trace), "
+                        f"whose compiled code would not run the modules acfx swaps in; call acfx.{pass_name} on the "
+                        "Python model before scripting it, then script the result")
 
 
 def check_flags(pass_name: str, **flags: object) -> None:
