@@ -10,7 +10,7 @@ DiverseBranchBlock, IdentityBasedConv1x1, BNAndPadLayer, dbb_transforms), OREPA 
 blocks.py: OREPA and its weight_gen), MobileOne (apple/ml-mobileone: MobileOneBlock), RepGhost
 (ChengpengChen/RepGhost: RepGhostModule), YOLOv6 (meituan/YOLOv6: RepVGGBlock, QARepVGGBlock), YOLOv7
 (WongKinYiu/yolov7: RepConv, ImplicitA, ImplicitM), RepLKNet (DingXiaoH/RepLKNet-pytorch: ReparamLargeKernelConv),
-UniRepLKNet (AILab-CVC/UniRepLKNet: DilatedReparamBlock).
+UniRepLKNet (AILab-CVC/UniRepLKNet: DilatedReparamBlock), SESR (ARM-software/sesr: collapsible linear blocks).
 """
 import math
 
@@ -561,6 +561,31 @@ class DilatedReparamBlock(nn.Module):
             kd, bd = fuse_bn(self.__getattr__(f"dil_conv_k{k}_{r}").weight, self.__getattr__(f"dil_bn_k{k}_{r}"))
             kernel, bias = kernel + pad_to(dilated_to_dense(kd, r), kernel.shape[-1]), bias + bd
         return deploy_conv(self.lk_origin, kernel, bias)
+
+
+# -- SESR -------------------------------------------------------------------------------------------------------
+class CollapsibleLinearBlock(nn.Module):
+    """SESR's collapsible linear block: a k×k conv expanding the channels, a 1×1 conv projecting them back,
+    no activation between, and a short residual (none where the block strides)."""
+
+    def __init__(self, channels, expanded, kernel_size, stride=1, residual=True):
+        super().__init__()
+        self.conv_expand = nn.Conv2d(channels, expanded, kernel_size, stride, kernel_size // 2)
+        self.conv_squeeze = nn.Conv2d(expanded, channels, 1)
+        self.residual = residual and stride == 1
+
+    def forward(self, x):
+        out = self.conv_squeeze(self.conv_expand(x))
+        return out + x if self.residual else out
+
+    def deploy(self):
+        # the 1×1 kernel applied to the k×k one, as to an image of its input channels (SESR's collapse)
+        kernel = F.conv2d(self.conv_expand.weight.permute(1, 0, 2, 3), self.conv_squeeze.weight).permute(1, 0, 2, 3)
+        bias = self.conv_squeeze.weight[:, :, 0, 0] @ self.conv_expand.bias + self.conv_squeeze.bias
+        if self.residual:
+            kernel = kernel + identity_kernel(kernel.shape[0], 1, kernel.shape[-1], kernel)
+        e = self.conv_expand
+        return deploy_conv(nn.Conv2d(e.in_channels, e.in_channels, e.kernel_size, e.stride, e.padding), kernel, bias)
 
 
 # -- whole models ---------------------------------------------------------------------------------------------

@@ -203,6 +203,22 @@ def test_compose_of_a_pointwise_map_and_a_conv_is_the_conv_of_its_output(groups)
     assert_rel_close(_run(found, X), _run(second, _run(first, X)))
 
 
+@pytest.mark.parametrize("groups,stride", [((1, 1), (1, 1)), ((2, 4), (2, 1)), ((8, 2), (1, 2)), ((4, 1), (2, 2))])
+def test_compose_of_a_conv_and_a_1x1_conv_after_it_is_the_1x1_of_its_output(groups, stride):
+    first = _random(8, 8, (3, 5), groups=groups[0], stride=(2, 1), dilation=(1, 2), window=Window(1, 0, 4, 3), seed=8)
+    second = _random(8, 8, (1, 1), groups=groups[1], stride=stride, seed=9)
+    found = compose(first, second)
+    assert not isinstance(found, Inexact), found
+    assert_rel_close(_run(found, X), _run(second, _run(first, X)))
+
+
+def test_compose_of_two_wide_maps_or_a_padding_1x1_after_a_wide_map_is_refused():
+    first = _random(8, 8, (3, 3), window=Window(1, 1, 1, 1), seed=8)
+    for second in (_random(8, 8, (3, 3), seed=9), _random(8, 8, (1, 1), window=Window(1, 1, 1, 1), seed=9)):
+        found = compose(first, second)
+        assert isinstance(found, Inexact) and "pointwise" in found.reason, found
+
+
 def test_compose_with_zero_padding_after_a_bias_is_refused_and_a_bias_padded_output_is_exact():
     first = _random(8, 8, (1, 1), seed=6)
     second = _random(8, 8, (3, 3), window=Window(1, 1, 1, 1), seed=7)

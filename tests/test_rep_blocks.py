@@ -16,6 +16,7 @@ import acfx
 from helpers import assert_rel_close
 from rep_blocks import (
     OREPA,
+    CollapsibleLinearBlock,
     DilatedReparamBlock,
     DiverseBranchBlock,
     ImplicitHead,
@@ -53,6 +54,7 @@ BLOCKS = {
     "replknet": lambda: ReparamLargeKernelConv(8, 9),
     "unireplknet-7": lambda: DilatedReparamBlock(8, 7),
     "unireplknet-13": lambda: DilatedReparamBlock(8, 13),
+    "sesr": lambda: CollapsibleLinearBlock(8, 32, 5),
 }
 
 
@@ -131,6 +133,29 @@ class _Misaligned(nn.Module):
         return self.a(x) + self.b(x)
 
 
+class _SeparableBesideAPointwise(nn.Module):
+    """A depthwise 3x3 then a 1x1, beside a 1x1: one dense 3x3 exactly, with 9x the weights of one 1x1."""
+
+    def __init__(self):
+        super().__init__()
+        self.dw, self.pw = nn.Conv2d(8, 8, 3, padding=1, groups=8), nn.Conv2d(8, 8, 1)
+        self.skip = nn.Conv2d(8, 8, 1)
+
+    def forward(self, x):
+        return self.pw(self.dw(x)) + self.skip(x)
+
+
+class _DilatedBesideDense(nn.Module):
+    """A 3x3 beside a 3x3 of dilation 2: one 5x5 exactly, with 25 taps where the two have 18."""
+
+    def __init__(self):
+        super().__init__()
+        self.a, self.b = nn.Conv2d(8, 8, 3, padding=1), nn.Conv2d(8, 8, 3, padding=2, dilation=2)
+
+    def forward(self, x):
+        return self.a(x) + self.b(x)
+
+
 def _left_as_it_was(model, x):
     """Collapse ``model``: the one block it holds must be skipped, the output unchanged; (collapsed, entry)."""
     with torch.no_grad():
@@ -143,7 +168,9 @@ def _left_as_it_was(model, x):
 
 
 @pytest.mark.parametrize("block,reason", [(_NonLinearBranch, "not a linear map of the branches' input"),
-                                          (_Misaligned, "do not fit in one sliding window")])
+                                          (_Misaligned, "do not fit in one sliding window"),
+                                          (_SeparableBesideAPointwise, "cost more to run than the block"),
+                                          (_DilatedBesideDense, "cost more to run than the block")])
 def test_blocks_that_are_not_one_conv_are_left_with_the_reason(block, reason):
     torch.manual_seed(0)
     model = trained(nn.Sequential(nn.Conv2d(3, 8, 1), block()))

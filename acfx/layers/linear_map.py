@@ -10,7 +10,8 @@ to (Ding et al.: ACNet, Sect. 3.3; DBB, Sect. 3; OREPA):
   YOLOv7's ImplicitM, or ImplicitA folded into the next conv's bias);
 * :meth:`ConvMap.identity`, :meth:`ConvMap.avg_pool`: the identity and average pooling as convolutions;
 * :func:`compose`: a pointwise map followed by a convolution (DBB's 1×1 → k×k and 1×1 → average branches),
-  exact only where the padding between them pads with what the first map gives on the border;
+  exact only where the padding between them pads with what the first map gives on the border; and any
+  convolution followed by a 1×1 one that does not pad (ExpandNets' and SESR's k×k → 1×1);
 * :func:`add`: maps over the same sliding window summed into one kernel (the ACB's three branches; kernels of
   different dilations are first spread out to a common one, UniRepLKNet's dilated re-parameterisation).
 
@@ -164,17 +165,20 @@ class ConvMap:
 
 
 def compose(first: ConvMap, second: ConvMap) -> Union[ConvMap, Inexact]:
-    """``second`` applied to the output of ``first``, as one map. ``first`` must be pointwise.
+    """``second`` applied to the output of ``first``, as one map. ``first`` must be pointwise, or ``second``
+    a 1×1 map that does not pad (then the result reads ``first``'s window; see :func:`_then_pointwise`).
 
     The kernels contract over the channels between them (per group); ``first``'s bias goes through
     ``second`` as a constant. Exact only if ``second`` does not pad ``first``'s output with zeros where
     that output is not zero: DBB pads it with the bias instead (BNAndPadLayer, see :meth:`ConvMap.pad_output`).
     """
-    if not first.pointwise or first.dilation != (1, 1):
-        return Inexact(f"composing a {first.kernel_size[0]}x{first.kernel_size[1]} (stride {first.stride}) map with "
-                       "another needs the first to be pointwise")
     if first.out_channels != second.in_channels:
         return Inexact(f"{first.out_channels} channels feed a map that takes {second.in_channels}")
+    if not first.pointwise or first.dilation != (1, 1):
+        if second.kernel_size == (1, 1) and second.window.is_zero:
+            return _then_pointwise(first, second)
+        return Inexact(f"composing a {first.kernel_size[0]}x{first.kernel_size[1]} (stride {first.stride}) map with "
+                       "another needs the first to be pointwise or the second 1x1 without padding")
     if first.bias is not None and not second.window.positive().is_zero and bool((first.bias != 0).any()):
         return Inexact("the second conv pads the first's output with zeros where the first adds a bias: one conv "
                        "would pad its input instead (DBB pads with the bias, BNAndPadLayer, for this)")
@@ -196,6 +200,28 @@ def compose(first: ConvMap, second: ConvMap) -> Union[ConvMap, Inexact]:
                                for g in range(groups)]).reshape(-1)
         bias = through if bias is None else bias + through
     return ConvMap(kernel, bias, second.stride, second.dilation, groups, first.window + second.window)
+
+
+def _then_pointwise(first: ConvMap, second: ConvMap) -> Union[ConvMap, Inexact]:
+    """Any map followed by a 1×1 map that does not pad (ExpandNets', SESR's k×k → 1×1): the first map's window,
+    read with both strides, each filter a channel mix of the first's filters."""
+    groups = min(first.groups, second.groups)
+    a, b = first.with_groups(groups), second.with_groups(groups)
+    if isinstance(a, Inexact) or isinstance(b, Inexact):
+        return Inexact(f"a map of {first.groups} groups followed by one of {second.groups} is not one grouped conv")
+    inner, mix = a.kernel, b.kernel[:, :, 0, 0]  # [M, I/g, kh, kw], [O, M/g]
+    out_per, mid_per = mix.shape[0] // groups, mix.shape[1]
+    kernel = inner.new_empty(mix.shape[0], *inner.shape[1:])
+    bias = b.bias
+    for g in range(groups):
+        o, m = slice(g * out_per, (g + 1) * out_per), slice(g * mid_per, (g + 1) * mid_per)
+        kernel[o] = torch.einsum("om,mihw->oihw", mix[o], inner[m])
+    if a.bias is not None:  # the first's bias mixed like its filters
+        through = torch.cat([mix[g * out_per:(g + 1) * out_per] @ a.bias[g * mid_per:(g + 1) * mid_per]
+                             for g in range(groups)])
+        bias = through if bias is None else bias + through
+    stride = (first.stride[0] * second.stride[0], first.stride[1] * second.stride[1])
+    return ConvMap(kernel, bias, stride, first.dilation, groups, first.window)
 
 
 def _align_axis(starts: Sequence[int], ends: Sequence[int], sizes: Sequence[int], dilation: int

@@ -14,8 +14,9 @@ from typing import Dict, FrozenSet, List, Optional, Sequence, Set, Tuple
 import torch.nn as nn
 
 from ..layers.block import ACBlock
+from ..layers.convs import kernel_of
 from ..layers.hooks import carry_hooks, hook_reason, hooks_of
-from ..layers.linear_map import Inexact
+from ..layers.linear_map import ConvMap, Inexact
 from ..matching.find_linear_regions import LinearRegion, find_linear_regions
 from ..matching.module_stacks import call_keys, common_prefix
 from ..matching.scope import Scope, ScopeIndex
@@ -148,12 +149,29 @@ class _Candidate:
     gained_bias: bool
 
 
+def _costlier(found: ConvMap, region: LinearRegion, convs: Sequence[nn.Module]) -> Optional[str]:
+    """Why one conv would cost more than the block (None: it does not). A chain with a wide map before a
+    narrow one (a depthwise conv then a 1×1, a bottleneck's 1×1 into a k×k) or dilated kernels whose common
+    lattice is denser is one conv exactly, but one with more weights than the block's convs, so more to run.
+    A weight the forward computes (OREPA) is generated at the fused size: nothing to compare."""
+    if any(op.kind == "function_conv" for op in region.ops):
+        return None
+    held = sum(kernel_of(conv).numel() for conv in convs)
+    if found.kernel.numel() <= held:
+        return None
+    return (f"one conv would hold {found.kernel.numel()} weights where the block's convs hold {held}, so it would "
+            "cost more to run than the block: left as it is")
+
+
 def _fuse(region: LinearRegion, scope: Scope, part: TracedPart, block: nn.Module):
     """The conv computing ``region`` (a _Candidate), or the reason there is none."""
     found = region_map(region, part)
     if isinstance(found, Inexact):
         return found.reason
     convs = [op.module for op in region.ops if op.kind == "conv"]
+    costlier = _costlier(found.map, region, convs)
+    if costlier:
+        return costlier
     like = next(block.parameters(), found.map.kernel)
     conv = fused_conv(found.map, found.padding_mode, scope.pre, convs, block.training, like)
     if isinstance(conv, Inexact):
