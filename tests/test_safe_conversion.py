@@ -135,6 +135,16 @@ def test_a_torchscript_model_is_refused_with_the_fix(compile_):
             run(scripted)
 
 
+def test_a_model_with_lazy_parameters_not_yet_materialised_is_refused_with_the_fix():
+    model = nn.Sequential(nn.LazyConv2d(8, 3, padding=1), nn.LazyBatchNorm2d(), nn.ReLU())
+    for run in (acfx.expand, acfx.collapse):
+        with pytest.raises(ValueError, match=r"module '0' \(LazyConv2d\) has uninitialized lazy parameters; run one "
+                                             "forward pass"):
+            run(model)
+    model(torch.randn(1, 3, 8, 8))  # materialised: an ordinary model
+    assert acfx.expand(model, return_report=True)[1].summary() == "acfx expand: 1 expanded"
+
+
 # -- outputs of the command line ------------------------------------------------------------------------------
 def test_cli_never_replaces_its_input_or_an_existing_file_unasked(tmp_path, capsys):
     _, path = _save_acb(tmp_path)

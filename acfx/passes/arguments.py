@@ -19,6 +19,11 @@ def check_model(model: object, pass_name: str) -> None:
         raise TypeError(f"acfx.{pass_name}: the model is a TorchScript module (torch.jit.script or torch.jit.trace), "
                         f"whose compiled code would not run the modules acfx swaps in; call acfx.{pass_name} on the "
                         "Python model before scripting it, then script the result")
+    for name, module in model.named_modules():
+        if any(isinstance(t, nn.parameter.UninitializedTensorMixin)
+               for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
+            raise ValueError(f"acfx.{pass_name}: module '{name or '<model>'}' ({type(module).__name__}) has uninitialized "
+                             "lazy parameters; run one forward pass on an example input to materialise them first")
 
 
 def check_flags(pass_name: str, **flags: object) -> None:
