@@ -170,23 +170,38 @@ def test_blocks_that_cannot_be_swapped_are_left_alone_and_reported():
 
 
 class OtherDimRepVGG(nn.Module):
-    """A RepVGG block of Conv1d or Conv3d branches, each with its BN, and an identity BN."""
+    """A RepVGG block of Conv1d or Conv3d branches, each with its BN, and an identity BN where shapes allow."""
 
-    def __init__(self, conv, norm, channels=4):
+    def __init__(self, conv, norm, channels=4, kernel=3, stride=1, dilation=1, padding=None, mode="zeros"):
         super().__init__()
-        self.dense = nn.Sequential(conv(channels, channels, 3, padding=1, bias=False), norm(channels))
-        self.point = nn.Sequential(conv(channels, channels, 1, bias=False), norm(channels))
-        self.skip = norm(channels)
+        padding = dilation * (kernel // 2) if padding is None else padding
+        self.dense = nn.Sequential(conv(channels, channels, kernel, stride, padding, dilation, bias=False,
+                                        padding_mode=mode), norm(channels))
+        self.point = nn.Sequential(conv(channels, channels, 1, stride, bias=False), norm(channels))
+        self.skip = norm(channels) if stride == 1 else None
 
     def forward(self, x):
-        return F.relu(self.dense(x) + self.point(x) + self.skip(x))
+        out = self.dense(x) + self.point(x)
+        return F.relu(out if self.skip is None else out + self.skip(x))
 
 
-@pytest.mark.parametrize("conv,norm,size", [(nn.Conv1d, nn.BatchNorm1d, (2, 4, 9)),
-                                            (nn.Conv3d, nn.BatchNorm3d, (2, 4, 5, 5, 5))], ids=["1d", "3d"])
-def test_a_block_of_1d_or_3d_convs_is_reported_and_left_as_it_was(conv, norm, size):
-    model = randomize_bn(nn.Sequential(conv(4, 4, 1), OtherDimRepVGG(conv, norm))).eval()
-    x = torch.randn(*size)
+@pytest.mark.parametrize("options", [{}, dict(stride=2), dict(kernel=5, dilation=2), dict(mode="reflect"),
+                                     dict(kernel=4, padding="same"), dict(kernel=7, stride=3)],
+                         ids=["3", "stride2", "5-dilation2", "reflect", "4-same", "7-stride3"])
+def test_a_repvgg_block_of_1d_convs_becomes_one_conv1d(options):
+    model = randomize_bn(nn.Sequential(nn.Conv1d(3, 4, 1), OtherDimRepVGG(nn.Conv1d, nn.BatchNorm1d, **options),
+                                       nn.Conv1d(4, 2, 1))).eval()
+    x = torch.randn(2, 3, 23)
+    collapsed, report = acfx.collapse(model, return_report=True)
+    assert [e.name for e in report.of("collapsed")] == ["1"], report
+    assert [type(m) for m in collapsed[1].modules() if isinstance(m, nn.modules.conv._ConvNd)] == [nn.Conv1d]
+    with torch.no_grad():
+        assert_rel_close(collapsed(x), model(x), what=f"1-d block {options}")
+
+
+def test_a_block_of_3d_convs_is_reported_and_left_as_it_was():
+    model = randomize_bn(nn.Sequential(nn.Conv3d(4, 4, 1), OtherDimRepVGG(nn.Conv3d, nn.BatchNorm3d))).eval()
+    x = torch.randn(2, 4, 5, 5, 5)
     collapsed, report = acfx.collapse(model, return_report=True)
     assert [(e.name, "not a 2-d convolution" in e.detail) for e in report.skipped] == [("1", True)], report
     assert [type(m) for m in collapsed.modules()] == [type(m) for m in model.modules()]

@@ -18,7 +18,7 @@ from torch.nn.utils import parametrize
 from .split_conv import EvenSplitConv2d
 
 __all__ = ["PLAIN", "SAME", "conv_kind", "instance_override", "extra_state", "unknown_conv_reason", "is_dynamic_same",
-           "other_conv_reason", "kernel_of"]
+           "is_plain_conv1d", "other_conv_reason", "kernel_of"]
 
 PLAIN = "conv2d"  # nn.Conv2d's computation: static padding, any padding mode
 SAME = "conv2d_same"  # timm's Conv2dSame: TF 'same' padding from the input size, then a conv with padding 0
@@ -56,6 +56,15 @@ def conv_kind(module: nn.Module) -> Optional[str]:
     if kind.forward is nn.Conv2d.forward and kind._conv_forward is nn.Conv2d._conv_forward:
         return PLAIN
     return None
+
+
+def is_plain_conv1d(module: nn.Module) -> bool:
+    """An nn.Conv1d computing nn.Conv1d's own forward on plain parameters: collapse reads it as a 2-d conv of
+    height 1 (the algebra is 2-d) and writes the fused map back as an nn.Conv1d."""
+    kind = type(module)
+    return (isinstance(module, nn.Conv1d) and _plain_parameters(module) and not instance_override(module)
+            and not extra_state(module) and kind.forward is nn.Conv1d.forward
+            and kind._conv_forward is nn.Conv1d._conv_forward)
 
 
 def is_dynamic_same(module: nn.Module) -> bool:

@@ -56,7 +56,11 @@ def unsupported_norm_reason(module: nn.Module) -> Optional[str]:
 
 
 def foldable_norm(module: nn.Module) -> bool:
-    """A BN whose eval output is an affine map of its input (timm norm-act only with no drop/act)."""
+    """A BN whose eval output is an affine map of its input (timm norm-act only with no drop/act; an
+    nn.BatchNorm1d too, which collapse folds after 1-d convs and expand never splits)."""
+    if type(module) is nn.BatchNorm1d:
+        return not instance_override(module, ("forward",)) and not extra_state(module, **_STATE) and \
+            module.track_running_stats and module.running_var is not None
     if not isinstance(module, nn.modules.batchnorm._BatchNorm) or unsupported_norm_reason(module):
         return False
     if type(module) not in _PLAIN:

@@ -11,8 +11,8 @@ from typing import Optional, Tuple, Union
 import torch
 import torch.nn as nn
 
-from .convs import PLAIN, conv_kind, kernel_of
-from .geometry import Window, conv_window
+from .convs import PLAIN, conv_kind, is_plain_conv1d, kernel_of
+from .geometry import Window, conv_window, same_window
 from .linear_map import ConvMap, Inexact, compose
 from .norms import foldable_norm, norm_affine
 from .split_conv import EvenSplitConv2d
@@ -24,6 +24,8 @@ def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None, any_mode: boo
     """The map a conv acfx knows computes (nn.Conv2d's own computation with zero padding, EvenSplitConv2d).
     ``any_mode``: a conv padding in another mode too, read as if it padded with zeros (the caller checks that
     one conv can pad the same way)."""
+    if is_plain_conv1d(conv):
+        return _conv1d_map(conv, dtype, any_mode)
     if not isinstance(conv, EvenSplitConv2d) and conv_kind(conv) != PLAIN:
         return Inexact(f"{type(conv).__name__} is not a conv whose computation acfx knows")
     if isinstance(conv, EvenSplitConv2d):
@@ -41,6 +43,22 @@ def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None, any_mode: boo
     if dtype is not None:
         kernel, bias = kernel.to(dtype), None if bias is None else bias.to(dtype)
     return ConvMap(kernel, bias, tuple(conv.stride), tuple(conv.dilation), conv.groups, window)
+
+
+def _conv1d_map(conv: nn.Conv1d, dtype: Optional[torch.dtype], any_mode: bool) -> Union[ConvMap, Inexact]:
+    """An nn.Conv1d as a 2-d map of height 1: its length is the width."""
+    (k,), (d,) = conv.kernel_size, conv.dilation
+    if isinstance(conv.padding, str):
+        window = Window() if conv.padding == "valid" else same_window((1, k), (1, d))
+    else:
+        window = Window(0, 0, conv.padding[0], conv.padding[0])
+    if not any_mode and conv.padding_mode != "zeros" and not window.is_zero:
+        return Inexact(f"Conv1d pads with padding_mode={conv.padding_mode!r}, which a sum of maps cannot share with "
+                       "the others (pad the block's input once instead)")
+    kernel, bias = conv.weight.unsqueeze(2), conv.bias
+    if dtype is not None:
+        kernel, bias = kernel.to(dtype), None if bias is None else bias.to(dtype)
+    return ConvMap(kernel, bias, (1, conv.stride[0]), (1, d), conv.groups, window)
 
 
 def _pair(value) -> Tuple[int, int]:
@@ -74,15 +92,15 @@ def apply_module(current: Optional[ConvMap], module: nn.Module, name: str, like:
         if isinstance(step, Inexact) or current is None:
             return _named(step, name)
         return _named(compose(current, step), name)
-    if isinstance(module, (nn.Conv2d, EvenSplitConv2d)):
+    if isinstance(module, (nn.Conv2d, nn.Conv1d, EvenSplitConv2d)):
         step = conv_map(module, like.dtype)
         if isinstance(step, Inexact):
             return Inexact(f"{name}: {step.reason}")
         return step if current is None else _named(compose(current, step), name)
     if isinstance(module, nn.modules.batchnorm._BatchNorm):
-        if isinstance(module, (nn.BatchNorm1d, nn.BatchNorm3d)):
-            return Inexact(f"{name}: {type(module).__name__} normalises a 1-d or 3-d tensor; acfx fuses 2-d "
-                           "convolutions and their BNs only")
+        if isinstance(module, nn.BatchNorm3d):
+            return Inexact(f"{name}: BatchNorm3d normalises a 3-d tensor; acfx fuses 1-d and 2-d convolutions and "
+                           "their BNs only")
         if not foldable_norm(module):
             return Inexact(f"{name}: {type(module).__name__} is not an affine map in eval (drop/act or no statistics)")
         scale, shift = norm_affine(module, name)

@@ -18,7 +18,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from timm.layers import DropPath
 
-from ..layers.convs import PLAIN, conv_kind, other_conv_reason, unknown_conv_reason
+from ..layers.convs import PLAIN, conv_kind, is_plain_conv1d, other_conv_reason, unknown_conv_reason
 from ..layers.norms import foldable_norm
 from ..layers.split_conv import EvenSplitConv2d
 from .crops import crop_of
@@ -36,7 +36,7 @@ _PADS = (F.pad,) + ((torch._C._nn.pad,) if hasattr(torch._C._nn, "pad") else ())
 _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "normal", "bernoulli", "dropout", "uniform_",
            "normal_", "manual_seed", "empty", "empty_like"}
 _IDENTITY_METHODS = {"contiguous", "clone"}
-_OTHER_DIM_NORMS = (nn.BatchNorm1d, nn.BatchNorm3d)
+_OTHER_DIM_NORMS = (nn.BatchNorm1d, nn.BatchNorm3d)  # those that are not foldable_norm: reported
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +86,8 @@ def _module_op(node: fx.Node, module: nn.Module) -> Optional[LinearOp]:
     source = _single(node)
     if source is None:
         return None
-    if isinstance(module, EvenSplitConv2d) or isinstance(module, nn.Conv2d) and conv_kind(module) == PLAIN:
+    if isinstance(module, EvenSplitConv2d) or isinstance(module, nn.Conv2d) and conv_kind(module) == PLAIN \
+            or is_plain_conv1d(module):
         return LinearOp(node, "conv", (source,), module)
     if isinstance(module, nn.modules.conv._ConvNd):  # a conv acfx does not know: the region says why
         reason = other_conv_reason(module) or unknown_conv_reason(module) or (
@@ -95,8 +96,8 @@ def _module_op(node: fx.Node, module: nn.Module) -> Optional[LinearOp]:
         return LinearOp(node, "unknown_conv", (source,), module, arguments=(reason,))
     if isinstance(module, nn.modules.batchnorm._BatchNorm) and foldable_norm(module):
         return LinearOp(node, "norm", (source,), module)
-    if isinstance(module, _OTHER_DIM_NORMS):  # linear too: a block of Conv1d or Conv3d branches is found and
-        return LinearOp(node, "norm", (source,), module)  # reported with why it is left (its convs)
+    if isinstance(module, _OTHER_DIM_NORMS):  # linear too: a block of Conv1d branches is fused, one of Conv3d
+        return LinearOp(node, "norm", (source,), module)  # branches reported with why it is left (its convs)
     if bias_padded_norm(module) is not None:
         return LinearOp(node, "bias_padded_norm", (source,), module)
     if isinstance(module, (nn.Identity, nn.Dropout, nn.Dropout2d, DropPath)):  # eval: the identity

@@ -2,8 +2,9 @@
 sum replaced by one conv.
 
 A block whose whole forward is the region (and at most one padding of its input) is replaced by one conv
-(nn.Conv2d with a bias, timm's Conv2dSame for TF 'same' padding; the block's largest conv is the template
-when it reads the fused window itself, so ``padding='same'`` and friends survive). A block whose forward
+(nn.Conv2d with a bias, timm's Conv2dSame for TF 'same' padding, nn.Conv1d for a block of 1-d convs; the
+block's largest conv is the template when it reads the fused window itself, so ``padding='same'`` and friends
+survive). A block whose forward
 also applies what follows the sum (RepVGG's SE and ReLU, DBB's nonlinearity, ultralytics' activation) or
 computes the region's input (RepGhost's primary conv) keeps that code: its forward is copied out of the
 traced graph, the region's nodes replaced by one call of the fused conv (``reparam``), into a
@@ -12,6 +13,7 @@ GraphModule named after the block's class.
 from __future__ import annotations
 
 import dataclasses
+import math
 from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 import torch
@@ -58,7 +60,7 @@ def _template(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[n
     """The region's largest conv when it reads exactly the fused window (its class and configuration kept)."""
     if pre is not None or not convs:
         return None
-    largest = max(convs, key=lambda c: c.kernel_size[0] * c.kernel_size[1])
+    largest = max(convs, key=lambda c: math.prod(c.kernel_size))
     if (isinstance(largest, nn.Conv2d) and conv_kind(largest) == PLAIN and tuple(largest.kernel_size) ==
             found.kernel_size and conv_window(largest) == found.window and largest.padding_mode == mode
             and largest.groups == found.groups and tuple(largest.stride) == found.stride
@@ -67,8 +69,29 @@ def _template(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[n
     return None
 
 
+def _empty_conv1d(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[nn.Module]
+                  ) -> Union[nn.Module, Inexact]:
+    """An nn.Conv1d for the map of a block of Conv1d branches (read as 2-d maps of height 1)."""
+    if not all(isinstance(c, nn.Conv1d) for c in convs):
+        return Inexact("the block mixes 1-d and 2-d convolutions")
+    window = found.window
+    if pre is not None or found.kernel_size[0] != 1 or found.stride[0] != 1 or window.top or window.bottom:
+        return Inexact("the 1-d block pads, crops or pools along a second axis (a 2-d op on its 1-d tensor)")
+    if window.left == window.right and window.left >= 0:
+        padding: Union[int, str] = window.left
+    elif found.stride[1] == 1 and window == same_window(found.kernel_size, found.dilation):
+        padding = "same"
+    else:
+        return Inexact(f"the fused conv would need padding {window}, which nn.Conv1d cannot express")
+    return nn.Conv1d(found.in_channels, found.out_channels, found.kernel_size[1], found.stride[1], padding,
+                     found.dilation[1], found.groups, True, padding_mode=mode if not window.is_zero else "zeros",
+                     device="meta")
+
+
 def _empty_conv(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[nn.Module]
                 ) -> Union[nn.Module, Inexact]:
+    if any(isinstance(c, nn.Conv1d) for c in convs):
+        return _empty_conv1d(found, mode, pre, convs)
     template = _template(found, mode, pre, convs)
     if template is not None:
         conv = hollow_copy(template)
@@ -94,10 +117,11 @@ def fused_conv(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[
         return conv
     ref = next((c.weight for c in convs if isinstance(getattr(c, "weight", None), torch.Tensor)), like)
     bias = found.bias if found.bias is not None else found.kernel.new_zeros(found.out_channels)
-    conv.register_parameter("weight", nn.Parameter(found.kernel.to(ref.dtype).to(ref.device), ref.requires_grad))
+    kernel = found.kernel[:, :, 0] if isinstance(conv, nn.Conv1d) else found.kernel  # a 1-d map has height 1
+    conv.register_parameter("weight", nn.Parameter(kernel.to(ref.dtype).to(ref.device), ref.requires_grad))
     conv.register_parameter("bias", nn.Parameter(bias.to(ref.dtype).to(ref.device), ref.requires_grad))
     conv.train(training)
-    largest = max(convs, key=lambda c: c.kernel_size[0] * c.kernel_size[1]) if convs else None
+    largest = max(convs, key=lambda c: math.prod(c.kernel_size)) if convs else None
     return FusedConv(conv, largest is None or getattr(largest, "bias", None) is None)
 
 
