@@ -1,4 +1,6 @@
 """Collapse is a graph pass: it fuses ACNet-style blocks acfx did not create, and says what it leaves."""
+import types
+
 import pytest
 import torch
 import torch.nn as nn
@@ -197,6 +199,33 @@ def test_a_repvgg_block_of_1d_convs_becomes_one_conv1d(options):
     assert [type(m) for m in collapsed[1].modules() if isinstance(m, nn.modules.conv._ConvNd)] == [nn.Conv1d]
     with torch.no_grad():
         assert_rel_close(collapsed(x), model(x), what=f"1-d block {options}")
+
+
+class _Conv1dWithState(nn.Conv1d):
+    """A Conv1d subclass with a buffer of its own: traced through, its F.conv1d read as a 2-d conv of height 1."""
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.register_buffer("mask", torch.ones(1))
+
+
+def test_a_1d_block_of_a_conv1d_subclass_fuses_through_its_functional_conv_and_one_replaced_forward_is_left():
+    x = torch.randn(2, 3, 9)
+    block = OtherDimRepVGG(nn.Conv1d, nn.BatchNorm1d, stride=2)
+    block.point[0] = _Conv1dWithState(4, 4, 1, 2, bias=False)
+    model = randomize_bn(nn.Sequential(nn.Conv1d(3, 4, 1), block)).eval()
+    collapsed, report = acfx.collapse(model, return_report=True)
+    assert [e.name for e in report.of("collapsed")] == ["1"], report
+    assert [type(m) for m in collapsed[1].modules() if isinstance(m, nn.modules.conv._ConvNd)] == [nn.Conv1d]
+    with torch.no_grad():
+        assert_rel_close(collapsed(x), model(x), what="1-d block with a functional conv1d")
+    conv = model[1].point[0] = nn.Conv1d(4, 4, 1, 2, bias=False)
+    conv.forward = types.MethodType(lambda self, x: nn.Conv1d.forward(self, x) * 2, conv)  # replaced on the instance
+    collapsed, report = acfx.collapse(model, return_report=True)
+    assert [(e.name, "is an nn.Conv1d whose computation acfx does not know" in e.detail)
+            for e in report.skipped] == [("1", True)], report
+    with torch.no_grad():
+        assert torch.equal(collapsed(x), model(x))
 
 
 def test_a_block_of_3d_convs_is_reported_and_left_as_it_was():

@@ -21,7 +21,8 @@ __all__ = ["conv_map", "pool_map", "apply_module", "branch_map", "branch_bias"]
 
 
 def conv_map(conv: nn.Module, dtype: Optional[torch.dtype] = None, any_mode: bool = False) -> Union[ConvMap, Inexact]:
-    """The map a conv acfx knows computes (nn.Conv2d's own computation with zero padding, EvenSplitConv2d).
+    """The map a conv acfx knows computes (nn.Conv2d's own computation with zero padding, EvenSplitConv2d, an
+    nn.Conv1d as a 2-d conv of height 1).
     ``any_mode``: a conv padding in another mode too, read as if it padded with zeros (the caller checks that
     one conv can pad the same way)."""
     if is_plain_conv1d(conv):

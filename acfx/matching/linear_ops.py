@@ -30,7 +30,7 @@ _ADDS = (operator.add, operator.iadd, torch.add)
 _SUBS = (operator.sub, operator.isub, torch.sub)
 _MULS = (operator.mul, operator.imul, torch.mul)
 _DIVS = (operator.truediv, operator.itruediv, torch.div)
-_CONVS = (F.conv2d, torch.conv2d)
+_CONVS = (F.conv2d, torch.conv2d, F.conv1d, torch.conv1d)  # a 1-d conv is read as a 2-d one of height 1
 _PADS = (F.pad,) + ((torch._C._nn.pad,) if hasattr(torch._C._nn, "pad") else ())
 # Pure functions and methods a constant may be computed with (no randomness, no state).
 _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "normal", "bernoulli", "dropout", "uniform_",
@@ -82,6 +82,13 @@ def _single(node: fx.Node) -> Optional[fx.Node]:
     return node.args[0] if len(node.args) == 1 and not node.kwargs and isinstance(node.args[0], fx.Node) else None
 
 
+def _conv1d_reason(module: nn.Module) -> Optional[str]:
+    if not isinstance(module, nn.Conv1d):
+        return None
+    return (f"conv {type(module).__name__} is an nn.Conv1d whose computation acfx does not know (it fuses nn.Conv1d's "
+            "own forward on plain weight and bias parameters)")
+
+
 def _module_op(node: fx.Node, module: nn.Module) -> Optional[LinearOp]:
     source = _single(node)
     if source is None:
@@ -90,7 +97,7 @@ def _module_op(node: fx.Node, module: nn.Module) -> Optional[LinearOp]:
             or is_plain_conv1d(module):
         return LinearOp(node, "conv", (source,), module)
     if isinstance(module, nn.modules.conv._ConvNd):  # a conv acfx does not know: the region says why
-        reason = other_conv_reason(module) or unknown_conv_reason(module) or (
+        reason = _conv1d_reason(module) or other_conv_reason(module) or unknown_conv_reason(module) or (
             f"{type(module).__name__} pads by the input size at run time (TF 'same'), which one branch of a sum cannot "
             "share with the others")
         return LinearOp(node, "unknown_conv", (source,), module, arguments=(reason,))

@@ -173,7 +173,7 @@ def _fuse(region: LinearRegion, scope: Scope, part: TracedPart, block: nn.Module
     if costlier:
         return costlier
     like = next(block.parameters(), found.map.kernel)
-    conv = fused_conv(found.map, found.padding_mode, scope.pre, convs, block.training, like)
+    conv = fused_conv(found.map, found.padding_mode, scope.pre, convs, block.training, like, found.dims)
     if isinstance(conv, Inexact):
         return conv.reason
     return _Candidate(region, scope, conv.conv, conv.gained_bias)

@@ -69,11 +69,8 @@ def _template(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[n
     return None
 
 
-def _empty_conv1d(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[nn.Module]
-                  ) -> Union[nn.Module, Inexact]:
-    """An nn.Conv1d for the map of a block of Conv1d branches (read as 2-d maps of height 1)."""
-    if not all(isinstance(c, nn.Conv1d) for c in convs):
-        return Inexact("the block mixes 1-d and 2-d convolutions")
+def _empty_conv1d(found: ConvMap, mode: str, pre: Optional[PreOp]) -> Union[nn.Module, Inexact]:
+    """An nn.Conv1d for the map of a block of 1-d convs (read as 2-d maps of height 1)."""
     window = found.window
     if pre is not None or found.kernel_size[0] != 1 or found.stride[0] != 1 or window.top or window.bottom:
         return Inexact("the 1-d block pads, crops or pools along a second axis (a 2-d op on its 1-d tensor)")
@@ -88,10 +85,10 @@ def _empty_conv1d(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequen
                      device="meta")
 
 
-def _empty_conv(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[nn.Module]
+def _empty_conv(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[nn.Module], dims: int
                 ) -> Union[nn.Module, Inexact]:
-    if any(isinstance(c, nn.Conv1d) for c in convs):
-        return _empty_conv1d(found, mode, pre, convs)
+    if dims == 1:
+        return _empty_conv1d(found, mode, pre)
     template = _template(found, mode, pre, convs)
     if template is not None:
         conv = hollow_copy(template)
@@ -109,10 +106,11 @@ def _empty_conv(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence
 
 
 def fused_conv(found: ConvMap, mode: str, pre: Optional[PreOp], convs: Sequence[nn.Module], training: bool,
-               like: torch.Tensor) -> Union[FusedConv, Inexact]:
+               like: torch.Tensor, dims: int = 2) -> Union[FusedConv, Inexact]:
     """The conv computing ``found`` (with its bias; a zero bias where the map has none), in the dtype,
-    device and requires_grad of the region's convs (of ``like``, a parameter of the block, without one)."""
-    conv = _empty_conv(found, mode, pre, convs)
+    device and requires_grad of the region's convs (of ``like``, a parameter of the block, without one);
+    ``dims`` 1: an nn.Conv1d (the map has height 1)."""
+    conv = _empty_conv(found, mode, pre, convs, dims)
     if isinstance(conv, Inexact):
         return conv
     ref = next((c.weight for c in convs if isinstance(getattr(c, "weight", None), torch.Tensor)), like)

@@ -13,6 +13,7 @@ from typing import Dict, Optional, Union
 
 import torch
 import torch.fx as fx
+import torch.nn as nn
 
 from ..layers.geometry import Window, same_window
 from ..layers.linear_map import ConvMap, Inexact, add, compose
@@ -32,6 +33,8 @@ class RegionMap:
 
     map: ConvMap
     padding_mode: str = "zeros"
+    # 1 when the region's convs are 1-d (read as 2-d maps of height 1): the fused conv is an nn.Conv1d.
+    dims: int = 2
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,6 +123,11 @@ def _pair(value):
     return (value, value) if isinstance(value, int) else tuple(value)
 
 
+def _single(value) -> int:
+    """A conv1d argument (an int or a 1-tuple) as an int."""
+    return value if isinstance(value, int) else value[0]
+
+
 class _Evaluator:
     def __init__(self, region: LinearRegion, part: TracedPart, like: torch.Tensor) -> None:
         self.region, self.part, self.like = region, part, like
@@ -128,6 +136,7 @@ class _Evaluator:
         self.values: Dict[fx.Node, _Form] = {region.source: _Form(None)}
         # (padding mode, own window, crop) of each conv reading the region's input directly.
         self.reads = []
+        self.dims = set()  # of the convs (1 or 2)
 
     def run(self) -> Union[RegionMap, Inexact]:
         for op in self.region.ops:
@@ -138,8 +147,10 @@ class _Evaluator:
         found = _materialise(self.values[self.region.output], self.channels, self.like)
         if isinstance(found, Inexact):
             return found
+        if len(self.dims) > 1:
+            return Inexact("the block mixes 1-d and 2-d convolutions")
         mode = self._padding_mode()
-        return mode if isinstance(mode, Inexact) else RegionMap(found, mode)
+        return mode if isinstance(mode, Inexact) else RegionMap(found, mode, self.dims.pop() if self.dims else 2)
 
     def _padding_mode(self) -> Union[str, Inexact]:
         """The one mode the convs pad the input with. A non-zero mode (reflect, replicate, circular) maps every
@@ -178,6 +189,8 @@ class _Evaluator:
         first = inputs[0]
         if op.kind == "identity":
             return first
+        if op.kind == "conv":
+            self.dims.add(1 if isinstance(op.module, nn.Conv1d) else 2)
         if op.kind == "conv" and first.map is None:
             return self._direct_conv(op, first)
         if op.kind in ("conv", "norm"):
@@ -278,6 +291,10 @@ class _Evaluator:
         weight = self._constant(op.constant)
         bias = self._constant(op.bias) if op.bias is not None else None
         stride, padding, dilation, groups = op.arguments
+        self.dims.add(weight.dim() - 2)
+        if weight.dim() == 3:  # F.conv1d: a 2-d conv of height 1
+            weight, stride, dilation = weight.unsqueeze(2), (1, _single(stride)), (1, _single(dilation))
+            padding = padding if isinstance(padding, str) else (0, _single(padding))
         window = _conv_padding(padding, tuple(weight.shape[-2:]), _pair(dilation))
         if isinstance(window, Inexact):
             return window
