@@ -228,6 +228,20 @@ def test_a_1d_block_of_a_conv1d_subclass_fuses_through_its_functional_conv_and_o
         assert torch.equal(collapsed(x), model(x))
 
 
+def test_a_1d_network_in_deploy_form_has_one_conv1d_per_block_and_no_bn():
+    model = randomize_bn(nn.Sequential(nn.Conv1d(3, 4, 5, 2, 2, bias=False), nn.BatchNorm1d(4), nn.ReLU(),
+                                       OtherDimRepVGG(nn.Conv1d, nn.BatchNorm1d, kernel=5),
+                                       nn.Conv1d(4, 4, 3, groups=2), nn.BatchNorm1d(4), nn.BatchNorm1d(4))).eval()
+    x = torch.randn(2, 3, 31)
+    deployed, report = acfx.collapse(model, fold_bn=True, return_report=True)
+    assert [e.name for e in report.of("collapsed")] == ["3"] and [e.name for e in report.of("folded")] == ["0", "4"]
+    assert [e.name for e in report.skipped] == [], report
+    assert [type(m) for m in deployed.modules() if not isinstance(m, (nn.Sequential, nn.ReLU, nn.Identity))
+            and type(m).__name__ != "OtherDimRepVGG"] == [nn.Conv1d, nn.Conv1d, nn.Conv1d, nn.BatchNorm1d]
+    with torch.no_grad():
+        assert_rel_close(deployed(x), model(x), what="1-d network, deploy form")
+
+
 def test_a_block_of_3d_convs_is_reported_and_left_as_it_was():
     model = randomize_bn(nn.Sequential(nn.Conv3d(4, 4, 1), OtherDimRepVGG(nn.Conv3d, nn.BatchNorm3d))).eval()
     x = torch.randn(2, 4, 5, 5, 5)

@@ -94,11 +94,13 @@ def fold_into_conv(conv: nn.Module, norm: nn.Module, conv_name: str, norm_name: 
     the shift plus the scaled conv bias."""
     weight = kernel_of(conv)
     dtype = fusion_dtype(weight.device)
-    found = ConvMap(weight.detach().to(dtype), None if conv.bias is None else conv.bias.detach().to(dtype))
+    one_d = weight.dim() == 3  # a Conv1d: a 2-d kernel of height 1
+    kernel = weight.detach().to(dtype)
+    found = ConvMap(kernel.unsqueeze(2) if one_d else kernel, None if conv.bias is None else conv.bias.detach().to(dtype))
     scale, shift = norm_affine(norm, norm_name)
     folded = found.then_affine(scale.to(dtype), shift.to(dtype))
     _check_result([conv_name], folded.kernel, folded.bias, [weight])
-    return folded.kernel, folded.bias
+    return (folded.kernel[:, :, 0] if one_d else folded.kernel), folded.bias
 
 
 def identity_norm_params(bias: torch.Tensor, eps: float, affine: bool) -> Tuple[dict, float]:

@@ -9,10 +9,9 @@ from typing import Callable, Optional
 
 import torch.nn as nn
 
-from ..layers.convs import other_conv_reason, unknown_conv_reason
-from ..layers.geometry import conv_window
+from ..layers.convs import is_plain_conv1d, other_conv_reason, unknown_conv_reason
 from ..layers.hooks import hook_reason
-from ..layers.norms import unsupported_norm_reason
+from ..layers.norms import foldable_norm, unsupported_norm_reason
 from ..matching.find_sites import ConvCall
 
 __all__ = ["Verdict", "expand_verdict", "fold_verdict"]
@@ -33,13 +32,15 @@ class Verdict:
     hooked: bool = False
 
 
-def _conv_reason(call: ConvCall) -> Optional[str]:
-    """Reasons that stop every pass: the conv itself."""
+def _conv_reason(call: ConvCall, conv1d: bool = False) -> Optional[str]:
+    """Reasons that stop every pass: the conv itself (``conv1d``: an nn.Conv1d of nn.Conv1d's own computation is
+    one the pass rewrites, fold_bn's)."""
     if call.conv is None:
         return "functional convolution: acfx rewrites conv modules only (use nn.Conv2d)"
-    reason = other_conv_reason(call.conv) or unknown_conv_reason(call.conv)
-    if reason:
-        return reason
+    if not (conv1d and is_plain_conv1d(call.conv)):
+        reason = other_conv_reason(call.conv) or unknown_conv_reason(call.conv)
+        if reason:
+            return reason
     if call.calls > 1:
         return f"module called {call.calls} times (one weight shared by several call sites)"
     if call.aliases:
@@ -47,7 +48,7 @@ def _conv_reason(call: ConvCall) -> Optional[str]:
     if call.conv_use:
         return call.conv_use
     padding = call.conv.padding
-    if conv_window(call.conv) is None and isinstance(padding, str) and padding not in ("same", "valid"):
+    if isinstance(padding, str) and padding not in ("same", "valid"):
         return f"padding={call.conv.padding!r} cannot be resolved"
     return None
 
@@ -96,11 +97,16 @@ def expand_verdict(call: ConvCall, filter_fn: Optional[FilterFn], include_unnorm
 
 
 def fold_verdict(call: ConvCall) -> Verdict:
-    """fold_bn: a known Conv2d of any kernel whose output only goes to a BN that is an affine map in eval."""
-    reason = _conv_reason(call) or _norm_reason(call)
+    """fold_bn: a known Conv2d (or Conv1d) of any kernel whose output only goes to a BN that is an affine map in
+    eval."""
+    reason = _conv_reason(call, conv1d=True) or _norm_reason(call)
     if reason:
         return Verdict(reason)
-    reason = unsupported_norm_reason(call.norm)  # a norm-act layer's drop/act stay in the slot
+    one_d = isinstance(call.conv, nn.Conv1d)
+    if one_d != (type(call.norm) is nn.BatchNorm1d) or one_d and not foldable_norm(call.norm):
+        return Verdict(f"{type(call.conv).__name__} followed by {type(call.norm).__name__}: fold_bn folds a Conv1d "
+                       "into a plain nn.BatchNorm1d with running statistics, a 2-d conv into a 2-d BN")
+    reason = None if one_d else unsupported_norm_reason(call.norm)  # a norm-act layer's drop/act stay in the slot
     if reason:
         return Verdict(reason)
     # The folded conv reads the same input (pre-hooks carried) but outputs what the BN output.
