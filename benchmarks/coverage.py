@@ -3,7 +3,9 @@
 For every architecture with a conv→BN pair: build it with random weights, expand it, check the class is
 unchanged and sites were found, take a training step, randomise BN statistics, collapse it, measure the
 round-trip error (float32) and reload the collapsed weights strictly into a fresh model. Results go to
-benchmarks/results/coverage_<source>.json and .md.
+benchmarks/results/coverage_<source>.json and .md. With ``--check deploy``: build, randomise BN statistics,
+``collapse(model, fold_bn=True)`` (the model's own rep blocks fused, every conv→BN pair folded) and compare
+with the model (coverage_<source>_deploy).
 
     python benchmarks/coverage.py                      # all timm models, CPU, 2 workers
     python benchmarks/coverage.py --source torchvision
@@ -12,6 +14,8 @@ benchmarks/results/coverage_<source>.json and .md.
                                                        # the largest ones apart, into the same table
     python benchmarks/coverage.py --recipe dbb --every 10 --pairs-from benchmarks/results/coverage_timm.json
                                                        # a recipe on every 10th model, pairs found before
+    python benchmarks/coverage.py --check deploy --pairs-from benchmarks/results/coverage_timm.json
+                                                       # the deploy form of every model as built
 
 Each model runs in a worker process with a time budget; a model over budget, or one that crashes its
 worker, is recorded as such and the sweep goes on.
@@ -78,9 +82,10 @@ def _input_size(name: str, img_size: int) -> tuple:
     return native, fixed
 
 
-def _run_one(name: str, img_size: int, batch_size: int, expand_kwargs: dict) -> dict:
+def _run_one(name: str, img_size: int, batch_size: int, expand_kwargs: dict, check: str) -> dict:
     import torch
 
+    from acfx.tools.deploy_check import check_deploy
     from acfx.tools.diagnostics import check_round_trip
     from acfx.tools.zoo import build_model
 
@@ -99,9 +104,26 @@ def _run_one(name: str, img_size: int, batch_size: int, expand_kwargs: dict) -> 
             record = {"status": "error", "failure": f"plain model fails at {tuple(size)}: "
                                                     f"{type(error).__name__}: {str(error)[:200]}"}
             continue
+        if check == "deploy":
+            return _deploy_record(check_deploy(name, lambda: build_model(name), x), size)
         result = check_round_trip(name, lambda: build_model(name), x, **expand_kwargs)
         return _record(result, size)
     return record
+
+
+def _deploy_record(result, size) -> dict:
+    check = result.float64
+    rec = {"input": list(size), "seconds": round(result.seconds, 2), "params": result.params, "convs": result.convs,
+           "norms_left": result.norms_left, "error": result.error, "gamma_scale": result.gamma_scale,
+           "error_f64": check.error_f64 if check else None, "noise_f32": check.noise_f32 if check else None,
+           "failure": result.failure}
+    if result.report is not None:
+        rep = result.report
+        rec.update(collapsed=len(rep.of("collapsed")), folded=len(rep.of("folded")), skipped=rep.skip_reasons(),
+                   untraced=[e.name or "<model>" for e in rep.of("untraced")],
+                   structure_changes=len(rep.structure_changes))
+    rec["status"] = "error" if result.failure else "pass" if result.ok else "fail"
+    return rec
 
 
 def _record(result, size) -> dict:
@@ -130,7 +152,7 @@ def _record(result, size) -> dict:
 
 
 def _worker(tasks, results, threads: int, budget: int, img_size: int, batch_size: int,
-            expand_kwargs: dict) -> None:
+            expand_kwargs: dict, check: str) -> None:
     import warnings
 
     import torch
@@ -146,7 +168,7 @@ def _worker(tasks, results, threads: int, budget: int, img_size: int, batch_size
         signal.alarm(budget)
         start = time.perf_counter()
         try:
-            rec = _pairs_on_meta(name) if phase == "detect" else _run_one(name, img_size, batch_size, expand_kwargs)
+            rec = _pairs_on_meta(name) if phase == "detect" else _run_one(name, img_size, batch_size, expand_kwargs, check)
         except _Timeout:
             rec = {"status": "timeout", "failure": f"over the {budget} s budget"}
         except Exception as error:
@@ -175,7 +197,8 @@ def run_pool(phase: str, names, args) -> dict:
         tasks.put((phase, name))
     budget = args.detect_budget if phase == "detect" else args.budget
     spawn = lambda: ctx.Process(target=_worker, args=(tasks, results, args.threads, budget, args.img_size,  # noqa
-                                                      args.batch_size, expand_kwargs(args)), daemon=True)
+                                                      args.batch_size, expand_kwargs(args), args.check),
+                                daemon=True)
     workers = [spawn() for _ in range(args.workers)]
     for w in workers:
         w.start()
@@ -228,9 +251,10 @@ def expand_kwargs(args) -> dict:
 
 
 def default_stem(args) -> Path:
-    """benchmarks/results/coverage_<source>, with the recipe and mode when they are not the defaults."""
+    """benchmarks/results/coverage_<source>, with the recipe and mode when they are not the defaults, or
+    _deploy for the deploy check."""
     suffix = ("" if args.recipe == "acb" else "_" + args.recipe.replace("+", "_")) + \
-        ("" if args.mode == "exact" else "_" + args.mode)
+        ("" if args.mode == "exact" else "_" + args.mode) + ("_deploy" if args.check == "deploy" else "")
     return RESULTS / f"coverage_{args.source}{suffix}"
 
 
@@ -296,6 +320,10 @@ def main(argv=None) -> int:
     parser.add_argument("--recipe", choices=ExpandOptions.choices("recipe"), default="acb",
                         help="the recipe expand builds (default: acb)")
     parser.add_argument("--mode", choices=ExpandOptions.choices("mode"), default="exact")
+    parser.add_argument("--check", choices=("round-trip", "deploy"), default="round-trip",
+                        help="round-trip (default): expand, train a step, collapse, reload strictly; deploy: "
+                             "collapse(fold_bn=True) of the model as built (its own rep blocks fused, every "
+                             "conv→BN pair folded) against the model")
     parser.add_argument("--every", type=int, default=1,
                         help="every N-th model with a conv→BN pair, in name order (default: 1, all); the others "
                              "are listed as not run, so that runs with other --offset values and --merge fill "
@@ -312,6 +340,9 @@ def main(argv=None) -> int:
     parser.add_argument("--write-archs", default=None, metavar="PATH",
                         help="write the timm models with a conv→BN pair to PATH (acfx/timm_archs.txt) and stop")
     args = parser.parse_args(argv)
+    if args.check == "deploy" and (args.recipe, args.mode, args.include_unnormed) != ("acb", "exact", False):
+        parser.error("--check deploy collapses the model as built: --recipe, --mode and --include-unnormed are "
+                     "options of expand")
     if args.every < 1 or not 0 <= args.offset < args.every:
         parser.error(f"--every must be at least 1 and --offset in [0, {max(args.every, 1)}); "
                      f"got --every {args.every} --offset {args.offset}")

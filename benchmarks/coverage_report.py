@@ -45,11 +45,63 @@ def _failure_text(row: dict) -> str:
     return "; ".join(parts)
 
 
+def _deploy_failure_text(row: dict) -> str:
+    if row.get("failure"):
+        return row["failure"]
+    return (f"deploy-form error {_fmt_error(row.get('error'))} (float32 noise floor {_fmt_error(row.get('noise_f32'))}, "
+            f"float64 {_fmt_error(row.get('error_f64'))})")
+
+
+def _deploy_body(rows: dict) -> list:
+    """What a --check deploy run measured: the pass bar, the totals, and the skip reasons grouped."""
+    passing = [r for r in rows.values() if r["status"] == "pass"]
+    lines = ["", "A model passes when `collapse(model, fold_bn=True)` (its own re-parameterisable blocks fused, "
+                 "every conv→BN pair folded) computes what the model computes: max|Δ|/max|y| ≤ 1e-5 in float32, "
+                 "or, where a deep network amplifies float32 rounding beyond that, within 4× of its float32 noise "
+                 "floor or exact to 1e-10 when the conversion is repeated in float64. BN statistics and affine "
+                 "parameters are random."]
+    if passing:
+        errors = sorted(r["error"] for r in passing)
+        with_blocks = [r for r in passing if r.get("collapsed")]
+        lines += ["", f"Passing models: error median {errors[len(errors) // 2]:.1e}, max {errors[-1]:.1e}; "
+                      f"{sum(r.get('folded', 0) for r in passing)} conv→BN pairs folded; "
+                      f"{sum(r.get('collapsed', 0) for r in passing)} blocks of the models' own fused, in "
+                      f"{len(with_blocks)} models; {sum(bool(r.get('norms_left')) for r in passing)} models keep "
+                      "a BN that follows no conv (a BN after a pooling, a sum or a linear layer)."]
+    skips = collections.Counter()
+    for r in passing:
+        for reason, count in (r.get("skipped") or {}).items():
+            skips[_reason_key(reason)] += count
+    if skips:
+        lines += ["", "## What the deploy form leaves, grouped by reason (passing models)", "",
+                  "| sites | reason |", "| --- | --- |"]
+        lines += [f"| {n} | {reason} |" for reason, n in skips.most_common(15)]
+    return lines
+
+
+def _deploy_rows(rows: dict) -> list:
+    lines = ["", "## All models", "",
+             "| model | status | collapsed | folded | skipped | convs | BNs left | error | f32 noise | f64 error | s |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for name, r in sorted(rows.items()):
+        if r.get("failure") == NOT_SAMPLED:
+            continue
+        convs = r.get("convs") or {}
+        lines.append(f"| {name} | {r['status']} | {r.get('collapsed', '')} | {r.get('folded', '')} | "
+                     f"{sum((r.get('skipped') or {}).values()) if 'skipped' in r else ''} | "
+                     f"{convs.get('plain', '')} → {convs.get('deployed', '')} | {r.get('norms_left', '')} | "
+                     f"{_fmt_error(r.get('error'))} | {_fmt_error(r.get('noise_f32'))} | "
+                     f"{_fmt_error(r.get('error_f64'))} | {r.get('seconds', '')} |")
+    return lines
+
+
 def write_markdown(payload: dict) -> str:
     env, rows = payload["environment"], payload["results"]
     statuses = collections.Counter(r["status"] for r in rows.values())
     recipe, mode = payload["args"].get("recipe", "acb"), payload["args"].get("mode", "exact")
+    deploy = payload["args"].get("check") == "deploy"
     form = "" if (recipe, mode) == ("acb", "exact") else f", recipe {recipe}" + ("" if mode == "exact" else f" ({mode})")
+    form += ", deploy form (collapse with fold_bn=True of each model as built)" if deploy else ""
     every = payload["args"].get("every", 1)
     lines = [f"# acfx coverage: {payload['args']['source']}{form}", "",
              f"{env['date']}, torch {env['torch']}, torchvision {env['torchvision']}, timm {env['timm']}, "
@@ -70,6 +122,8 @@ def write_markdown(payload: dict) -> str:
                "listed as not run." if every > 1 else ".")
               , "", "| status | models |", "| --- | --- |"]
     lines += [f"| {s} | {n} |" for s, n in statuses.most_common()]
+    if deploy:
+        return _deploy_markdown(payload, lines)
     passing = [r for r in rows.values() if r["status"] == "pass"]
     if passing:
         errors = sorted(r["error"] for r in passing)
@@ -100,17 +154,7 @@ def write_markdown(payload: dict) -> str:
         if tame:
             lines.append(f"{len(tame)} model(s) overflowed with the first random statistics and were checked with "
                          "γ scaled down (gamma_scale in the JSON).")
-    failures = {n: r for n, r in rows.items() if r["status"] not in ("pass",)}
-    if failures:
-        groups = collections.Counter(_reason_key(_failure_text(r)) for r in failures.values())
-        lines += ["", "## Not passing, grouped by reason", "", "| models | reason |", "| --- | --- |"]
-        lines += [f"| {n} | {reason} |" for reason, n in groups.most_common()]
-        lines += ["", "## Not passing, per model", "", "| model | status | reason |", "| --- | --- | --- |"]
-        lines += [f"| {n} | {r['status']} | {_failure_text(r)[:300]} |" for n, r in sorted(failures.items())
-                  if r.get("failure") != NOT_SAMPLED]  # those are counted above, and listed by name in the JSON
-    if payload.get("detection_failures"):
-        lines += ["", "## Models that could not be inspected", "", "| model | reason |", "| --- | --- |"]
-        lines += [f"| {n} | {r.get('failure', '')[:200]} |" for n, r in sorted(payload["detection_failures"].items())]
+    lines += _not_passing(payload, _failure_text)
     lines += ["", "## All models", "",
               "| model | status | conv→BN pairs | expanded | skipped | collapsed | error | per layer | f32 noise | "
               "f64 error | strict reload | s |",
@@ -126,6 +170,29 @@ def write_markdown(payload: dict) -> str:
                      f"{_fmt_error(r.get('noise_f32'))} | {_fmt_error(r.get('error_f64'))} | {reload} | "
                      f"{r.get('seconds', '')} |")
     return stamp("\n".join(lines) + "\n", env)
+
+
+def _not_passing(payload: dict, text) -> list:
+    """The models that do not pass (grouped by reason, then one by one) and those that could not be inspected."""
+    rows, lines = payload["results"], []
+    failures = {n: r for n, r in rows.items() if r["status"] not in ("pass",)}
+    if failures:
+        groups = collections.Counter(_reason_key(text(r)) for r in failures.values())
+        lines += ["", "## Not passing, grouped by reason", "", "| models | reason |", "| --- | --- |"]
+        lines += [f"| {n} | {reason} |" for reason, n in groups.most_common()]
+        lines += ["", "## Not passing, per model", "", "| model | status | reason |", "| --- | --- | --- |"]
+        lines += [f"| {n} | {r['status']} | {text(r)[:300]} |" for n, r in sorted(failures.items())
+                  if r.get("failure") != NOT_SAMPLED]  # those are counted above, and listed by name in the JSON
+    if payload.get("detection_failures"):
+        lines += ["", "## Models that could not be inspected", "", "| model | reason |", "| --- | --- |"]
+        lines += [f"| {n} | {r.get('failure', '')[:200]} |" for n, r in sorted(payload["detection_failures"].items())]
+    return lines
+
+
+def _deploy_markdown(payload: dict, lines: list) -> str:
+    rows = payload["results"]
+    lines = lines + _deploy_body(rows) + _not_passing(payload, _deploy_failure_text) + _deploy_rows(rows)
+    return stamp("\n".join(lines) + "\n", payload["environment"])
 
 
 if __name__ == "__main__":

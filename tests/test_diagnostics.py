@@ -5,6 +5,7 @@ import pytest
 import torch
 import torch.nn as nn
 
+from acfx.tools.deploy_check import check_deploy
 from acfx.tools.diagnostics import F64_TOLERANCE, RoundTrip, check_round_trip
 
 
@@ -93,3 +94,54 @@ def test_round_trip_reports_a_collapse_that_does_not_reload(monkeypatch):
     result = check_round_trip("stray", _Broken, torch.randn(2, 3, 16, 16))
     assert result.failure is None and "Unexpected key(s)" in (result.strict_reload or ""), result
     assert not result.ok, result
+
+
+class _RepNet(nn.Module):
+    """A conv→BN stem and a RepVGG-style block of the model's own: the deploy form folds one and fuses the other."""
+
+    def __init__(self):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8), nn.ReLU())
+        self.block = _Sum()
+
+    def forward(self, x):
+        return self.block(self.stem(x))
+
+
+class _Sum(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.dense = nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8))
+        self.point = nn.Sequential(nn.Conv2d(8, 8, 1, bias=False), nn.BatchNorm2d(8))
+
+    def forward(self, x):
+        return self.dense(x) + self.point(x)
+
+
+def test_deploy_check_of_a_model_with_blocks_of_its_own_is_exact():
+    result = check_deploy("rep", _RepNet, torch.randn(2, 3, 12, 12))
+    assert result.ok and result.error <= 1e-5, result
+    assert len(result.report.of("folded")) == 1 and len(result.report.of("collapsed")) == 1, result.report
+    assert result.convs == {"plain": 3, "deployed": 2} and result.norms_left == 0, result
+
+
+def test_deploy_check_catches_a_wrong_fold(monkeypatch):
+    import acfx.passes.fold_bn as fold_bn
+    real = fold_bn.fold_into_conv
+
+    def off_by_one_percent(*args, **kwargs):
+        weight, bias = real(*args, **kwargs)
+        return weight * 1.01, bias
+
+    monkeypatch.setattr(fold_bn, "fold_into_conv", off_by_one_percent)
+    result = check_deploy("broken", _RepNet, torch.randn(2, 3, 12, 12))
+    assert result.failure is None and result.error > 1e-3 and not result.ok, result
+    assert result.float64 is not None and result.float64.error_f64 > 1e-3, result  # not float32 rounding
+
+
+def test_deploy_check_reports_an_exception_instead_of_raising():
+    def broken_build():
+        raise RuntimeError("no such model")
+
+    result = check_deploy("missing", broken_build, torch.randn(1, 3, 8, 8))
+    assert not result.ok and result.failure == "RuntimeError: no such model", result

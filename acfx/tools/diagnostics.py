@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Callable, Dict, Iterable, Optional
+from typing import Callable, Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -18,7 +18,8 @@ from ..passes.expand import expand
 from ..passes.report import Report
 
 __all__ = ["randomize_norms", "relative_error", "RoundTrip", "check_round_trip", "param_count", "Float64Check",
-           "float64_check", "within_rounding", "saved_activation_bytes", "strict_reload_error", "load_error"]
+           "float64_check", "within_rounding", "over_tolerance", "saved_activation_bytes", "strict_reload_error",
+           "load_error", "output_tensor", "randomized_output"]
 
 F64_TOLERANCE = 1e-10
 
@@ -183,6 +184,17 @@ def output_tensor(out: object) -> torch.Tensor:
     return torch.cat([v.flatten(1) for v in values], dim=1)
 
 
+def randomized_output(model: nn.Module, x: torch.Tensor) -> Tuple[torch.Tensor, float]:
+    """(output, γ scale): the eval output of ``model`` on ``x`` after randomize_norms, with γ scaled down
+    while the output is not finite (random statistics can overflow very deep networks)."""
+    with torch.no_grad():
+        for gamma in (1.0, 0.5, 0.25):
+            y = output_tensor(randomize_norms(model, gamma=gamma)(x))
+            if torch.isfinite(y).all():
+                break
+    return y, gamma
+
+
 def _train_step(model: nn.Module, x: torch.Tensor) -> bool:
     model.train()
     model.zero_grad(set_to_none=True)
@@ -216,11 +228,7 @@ def _measure(result: RoundTrip, build, x, expand_kwargs) -> None:
     result.class_kept = type(expanded) is kind
     result.train_step_finite = _train_step(expanded, x)
     expanded.eval()
-    with torch.no_grad():
-        for result.gamma_scale in (1.0, 0.5, 0.25):  # random statistics can overflow very deep networks
-            y_expanded = output_tensor(randomize_norms(expanded, gamma=result.gamma_scale)(x))
-            if torch.isfinite(y_expanded).all():
-                break
+    y_expanded, result.gamma_scale = randomized_output(expanded, x)
     # acfx's blocks: the round trip gives back the model as built (its own rep blocks too, as they were)
     collapsed, result.collapse_report = collapse(expanded, blocks="acfx", return_report=True)
     result.params["collapsed"] = param_count(collapsed)
