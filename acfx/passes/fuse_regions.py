@@ -4,11 +4,10 @@ sum replaced by one conv.
 A block whose whole forward is the region (and at most one padding of its input) is replaced by one conv
 (nn.Conv2d with a bias, timm's Conv2dSame for TF 'same' padding, nn.Conv1d for a block of 1-d convs; the
 block's largest conv is the template when it reads the fused window itself, so ``padding='same'`` and friends
-survive). A block whose forward
-also applies what follows the sum (RepVGG's SE and ReLU, DBB's nonlinearity, ultralytics' activation) or
-computes the region's input (RepGhost's primary conv) keeps that code: its forward is copied out of the
-traced graph, the region's nodes replaced by one call of the fused conv (``reparam``), into a
-GraphModule named after the block's class.
+survive). A block whose forward also applies what follows the sum (RepVGG's SE and ReLU, DBB's nonlinearity,
+ultralytics' activation) or computes the region's input (RepGhost's primary conv) keeps that code: its forward
+is copied out of the traced graph, the region's nodes replaced by one call of the fused conv (``reparam``),
+into a GraphModule named after the block's class.
 """
 from __future__ import annotations
 
