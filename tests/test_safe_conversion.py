@@ -145,6 +145,20 @@ def test_a_model_with_lazy_parameters_not_yet_materialised_is_refused_with_the_f
     assert acfx.expand(model, return_report=True)[1].summary() == "acfx expand: 1 expanded"
 
 
+def test_a_lazy_head_no_pass_reads_stays_lazy_and_does_not_block_the_passes():
+    model = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.BatchNorm2d(8), nn.Flatten(), nn.LazyLinear(2))
+    expanded, report = acfx.expand(model, return_report=True)
+    assert report.summary() == "acfx expand: 1 expanded"
+    randomize_bn(expanded)
+    collapsed = acfx.collapse(expanded.eval())
+    for result in (expanded, collapsed):
+        assert isinstance(result[-1].weight, nn.parameter.UninitializedParameter)
+    x = torch.randn(2, 3, 8, 8)
+    collapsed[-1](collapsed[:-1](x))  # materialise the head, then compare the bodies the passes changed
+    with torch.no_grad():
+        assert_rel_close(collapsed[:-1](x), expanded[:-1](x))
+
+
 # -- outputs of the command line ------------------------------------------------------------------------------
 def test_cli_never_replaces_its_input_or_an_existing_file_unasked(tmp_path, capsys):
     _, path = _save_acb(tmp_path)

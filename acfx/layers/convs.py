@@ -98,11 +98,15 @@ def unknown_conv_reason(module: nn.Module) -> Optional[str]:
 _OTHER_CONVS = (nn.Conv1d, nn.Conv3d, nn.ConvTranspose1d, nn.ConvTranspose2d, nn.ConvTranspose3d)
 
 
-def other_conv_reason(module: nn.Module) -> Optional[str]:
-    """The reason a conv acfx never expands is skipped (Conv1d, Conv3d, transposed convs); None for others."""
-    if isinstance(module, _OTHER_CONVS):
-        return f"{type(module).__name__} is not a 2-d convolution: acfx rewrites nn.Conv2d (and timm's Conv2dSame) only"
-    return None
+def other_conv_reason(module: nn.Module, conv1d: bool = False) -> Optional[str]:
+    """The reason a conv the pass does not handle is skipped (Conv3d, transposed convs, and Conv1d unless the
+    pass fuses it: ``conv1d``, as collapse and fold_bn do); None for others."""
+    if not isinstance(module, _OTHER_CONVS) or conv1d and type(module) is nn.Conv1d:
+        return None
+    if conv1d:
+        return (f"{type(module).__name__} is neither a 1-d nor a 2-d convolution: this pass handles nn.Conv2d, timm's "
+                "Conv2dSame and nn.Conv1d only")
+    return f"{type(module).__name__} is not a 2-d convolution: acfx expand rewrites nn.Conv2d (and timm's Conv2dSame) only"
 
 
 def kernel_of(conv: nn.Module) -> torch.Tensor:

@@ -97,7 +97,7 @@ def _module_op(node: fx.Node, module: nn.Module) -> Optional[LinearOp]:
             or is_plain_conv1d(module):
         return LinearOp(node, "conv", (source,), module)
     if isinstance(module, nn.modules.conv._ConvNd):  # a conv acfx does not know: the region says why
-        reason = _conv1d_reason(module) or other_conv_reason(module) or unknown_conv_reason(module) or (
+        reason = _conv1d_reason(module) or other_conv_reason(module, conv1d=True) or unknown_conv_reason(module) or (
             f"{type(module).__name__} pads by the input size at run time (TF 'same'), which one branch of a sum cannot "
             "share with the others")
         return LinearOp(node, "unknown_conv", (source,), module, arguments=(reason,))

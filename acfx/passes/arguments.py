@@ -5,6 +5,8 @@ import copy
 
 import torch
 import torch.nn as nn
+from torch.nn.modules.batchnorm import _NormBase
+from torch.nn.modules.conv import _ConvNd
 
 from ..layers.module_copies import copy_modes
 
@@ -19,9 +21,17 @@ def check_model(model: object, pass_name: str) -> None:
         raise TypeError(f"acfx.{pass_name}: the model is a TorchScript module (torch.jit.script or torch.jit.trace), "
                         f"whose compiled code would not run the modules acfx swaps in; call acfx.{pass_name} on the "
                         "Python model before scripting it, then script the result")
+    _refuse_unmaterialised(model, pass_name)
+
+
+def _refuse_unmaterialised(model: nn.Module, pass_name: str) -> None:
+    """A lazy conv or norm not yet run has no shape to match or fuse, and an uninitialized buffer cannot even be
+    copied; other lazy modules (a LazyLinear head) are never read by a pass and stay lazy."""
+    lazy = nn.parameter.UninitializedTensorMixin
     for name, module in model.named_modules():
-        if any(isinstance(t, nn.parameter.UninitializedTensorMixin)
-               for t in (*module.parameters(recurse=False), *module.buffers(recurse=False))):
+        buffers = any(isinstance(t, lazy) for t in module.buffers(recurse=False))
+        params = any(isinstance(t, lazy) for t in module.parameters(recurse=False))
+        if buffers or (params and isinstance(module, (_ConvNd, _NormBase))):
             raise ValueError(f"acfx.{pass_name}: module '{name or '<model>'}' ({type(module).__name__}) has uninitialized "
                              "lazy parameters; run one forward pass on an example input to materialise them first")
 

@@ -38,7 +38,7 @@ def _conv_reason(call: ConvCall, conv1d: bool = False) -> Optional[str]:
     if call.conv is None:
         return "functional convolution: acfx rewrites conv modules only (use nn.Conv2d)"
     if not (conv1d and is_plain_conv1d(call.conv)):
-        reason = other_conv_reason(call.conv) or unknown_conv_reason(call.conv)
+        reason = other_conv_reason(call.conv, conv1d) or unknown_conv_reason(call.conv)
         if reason:
             return reason
     if call.calls > 1:
