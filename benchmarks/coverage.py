@@ -116,7 +116,7 @@ def _deploy_record(result, size) -> dict:
     rec = {"input": list(size), "seconds": round(result.seconds, 2), "params": result.params, "convs": result.convs,
            "norms_left": result.norms_left, "error": result.error, "gamma_scale": result.gamma_scale,
            "error_f64": check.error_f64 if check else None, "noise_f32": check.noise_f32 if check else None,
-           "failure": result.failure}
+           "converted_noise_f32": check.converted_noise_f32 if check else None, "failure": result.failure}
     if result.report is not None:
         rep = result.report
         rec.update(collapsed=len(rep.of("collapsed")), folded=len(rep.of("folded")), skipped=rep.skip_reasons(),
@@ -131,6 +131,7 @@ def _record(result, size) -> dict:
            "class_kept": result.class_kept, "train_step_finite": result.train_step_finite,
            "error": result.error, "local_error": result.local_error, "error_f64": result.error_f64,
            "noise_f32": result.noise_f32, "collapsed_vs_f64": result.collapsed_vs_f64,
+           "converted_noise_f32": result.collapsed_noise_f32,
            "gamma_scale": result.gamma_scale,
            "strict_reload": result.strict_reload, "failure": result.failure}
     if result.expand_report is not None:

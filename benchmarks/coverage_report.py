@@ -23,6 +23,14 @@ def _fmt_error(value) -> str:
     return "" if value is None or value != value else f"{value:.1e}"
 
 
+def _noise_floor(row: dict):
+    """The float32 noise floor a row was judged by: the larger of the two models' own distances to their
+    float64 results (rows measured before the converted model's was recorded carry the source's only);
+    None where the float64 check did not run."""
+    floors = [row[key] for key in ("noise_f32", "converted_noise_f32") if row.get(key) is not None]
+    return max(floors) if floors else None
+
+
 def _failure_text(row: dict) -> str:
     if row.get("failure"):
         return row["failure"]
@@ -31,7 +39,7 @@ def _failure_text(row: dict) -> str:
         parts.append("class changed")
     if not row.get("train_step_finite", True):
         parts.append("non-finite gradients")
-    local, error, noise = row.get("local_error"), row.get("error"), row.get("noise_f32") or 0.0
+    local, error, noise = row.get("local_error"), row.get("error"), _noise_floor(row) or 0.0
     error_f64 = row.get("error_f64")
     if local is not None and not local <= 1e-5:
         parts.append(f"a fused layer differs from its block by {local:.1e}")
@@ -48,7 +56,7 @@ def _failure_text(row: dict) -> str:
 def _deploy_failure_text(row: dict) -> str:
     if row.get("failure"):
         return row["failure"]
-    return (f"deploy-form error {_fmt_error(row.get('error'))} (float32 noise floor {_fmt_error(row.get('noise_f32'))}, "
+    return (f"deploy-form error {_fmt_error(row.get('error'))} (float32 noise floor {_fmt_error(_noise_floor(row))}, "
             f"float64 {_fmt_error(row.get('error_f64'))})")
 
 
@@ -57,8 +65,8 @@ def _deploy_body(rows: dict) -> list:
     passing = [r for r in rows.values() if r["status"] == "pass"]
     lines = ["", "A model passes when `collapse(model, fold_bn=True)` (its own re-parameterisable blocks fused, "
                  "every conv→BN pair folded) computes what the model computes: max|Δ|/max|y| ≤ 1e-5 in float32, "
-                 "or, where a deep network amplifies float32 rounding beyond that, within 4× of its float32 noise "
-                 "floor or exact to 1e-10 when the conversion is repeated in float64. BN statistics and affine "
+                 "or, where a deep network amplifies float32 rounding beyond that, within 4× of the float32 noise "
+                 "floor (the larger of the two models' own distances to their float64 results) or exact to 1e-10 when the conversion is repeated in float64. BN statistics and affine "
                  "parameters are random."]
     if passing:
         errors = sorted(r["error"] for r in passing)
@@ -90,7 +98,7 @@ def _deploy_rows(rows: dict) -> list:
         lines.append(f"| {name} | {r['status']} | {r.get('collapsed', '')} | {r.get('folded', '')} | "
                      f"{sum((r.get('skipped') or {}).values()) if 'skipped' in r else ''} | "
                      f"{convs.get('plain', '')} → {convs.get('deployed', '')} | {r.get('norms_left', '')} | "
-                     f"{_fmt_error(r.get('error'))} | {_fmt_error(r.get('noise_f32'))} | "
+                     f"{_fmt_error(r.get('error'))} | {_fmt_error(_noise_floor(r))} | "
                      f"{_fmt_error(r.get('error_f64'))} | {r.get('seconds', '')} |")
     return lines
 
@@ -133,8 +141,8 @@ def write_markdown(payload: dict) -> str:
         lines += ["", "A model passes when its class is kept, a training step gives finite gradients, every fused "
                       "layer reproduces its block on the input the block saw (max|Δ|/max|y| ≤ 1e-5, float32), the "
                       "whole collapsed model matches the expanded one (≤ 1e-5; where a deep network amplifies "
-                      "float32 rounding beyond that: within 4× of its float32 noise floor, the float32 expanded "
-                      "model's own distance to its float64 result, or exact to 1e-10 when the round trip is "
+                      "float32 rounding beyond that: within 4× of the float32 noise floor, the larger of the "
+                      "expanded and the collapsed models' own distances to their float64 results, or exact to 1e-10 when the round trip is "
                       "repeated in float64), and the collapsed state_dict loads strictly into a freshly built "
                       "model. BN statistics and affine parameters are random.", "",
                   f"Passing models: end-to-end error median {errors[len(errors) // 2]:.1e}, max {errors[-1]:.1e}; "
@@ -148,7 +156,7 @@ def write_markdown(payload: dict) -> str:
             lines.append(f"{len(f64_exact)} of them round-trip in float64 to ≤ 1e-10. The other {chaotic} are so "
                          "ill-conditioned with random statistics that even float64 rounding grows past 1e-10 and "
                          "their float32 outputs are mostly rounding (float32 noise floor up to "
-                         f"{max((r.get('noise_f32') or 0) for r in noisy):.1e}): for them the end-to-end number says "
+                         f"{max(_noise_floor(r) or 0.0 for r in noisy):.1e}): for them the end-to-end number says "
                          "nothing, and the evidence is the per-layer check, every fused layer within "
                          f"{max(r['local_error'] for r in noisy):.1e} of its block.")
         if tame:
@@ -167,7 +175,8 @@ def write_markdown(payload: dict) -> str:
         lines.append(f"| {name} | {r['status']} | {r.get('meta_pairs', '')} | {r.get('expanded', '')} | "
                      f"{sum((r.get('skipped') or {}).values()) if 'skipped' in r else ''} | "
                      f"{r.get('collapsed', '')} | {_fmt_error(r.get('error'))} | {_fmt_error(r.get('local_error'))} | "
-                     f"{_fmt_error(r.get('noise_f32'))} | {_fmt_error(r.get('error_f64'))} | {reload} | "
+                     f"{_fmt_error(_noise_floor(r))} | "
+                     f"{_fmt_error(r.get('error_f64'))} | {reload} | "
                      f"{r.get('seconds', '')} |")
     return stamp("\n".join(lines) + "\n", env)
 

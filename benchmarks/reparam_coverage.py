@@ -48,7 +48,7 @@ def _row(family: str, name: str, args) -> dict:
     result = check_reparameterize(name, torch.randn(args.batch_size, *size, generator=torch.Generator().manual_seed(0)))
     f64 = result.float64
     return {"family": family, "model": name, "input": list(size), "ok": result.ok, "error": result.error,
-            "error_f64": f64.error_f64 if f64 else None, "noise_f32": f64.noise_f32 if f64 else None,
+            "error_f64": f64.error_f64 if f64 else None, "noise_f32": f64.noise_floor if f64 else None,
             "same_types": result.same_types, "strict_reload": result.strict_reload, "failure": result.failure}
 
 

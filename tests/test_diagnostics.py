@@ -6,7 +6,7 @@ import torch
 import torch.nn as nn
 
 from acfx.tools.deploy_check import check_deploy
-from acfx.tools.diagnostics import F64_TOLERANCE, RoundTrip, check_round_trip
+from acfx.tools.diagnostics import F64_TOLERANCE, RoundTrip, check_round_trip, float64_check, within_rounding
 
 
 def _verdict(**measured) -> bool:
@@ -22,9 +22,45 @@ def _verdict(**measured) -> bool:
     (dict(error=1e-3, noise_f32=1e-4), False),
     (dict(error=1e-3, noise_f32=1e-6, error_f64=F64_TOLERANCE / 10), True),  # exact in float64
     (dict(error=1e-3, noise_f32=1e-6, error_f64=F64_TOLERANCE * 10), False),
+    (dict(error=1e-3, noise_f32=1e-6, collapsed_noise_f32=5e-4), True),  # the collapsed model's own floor
+    (dict(error=1e-3, noise_f32=1e-6, collapsed_noise_f32=1e-4), False),
 ])
 def test_exact_verdict(measured, exact):
     assert _verdict(**measured) is exact
+
+
+class _Cancelling(nn.Module):
+    """x @ W written as two huge kernels that cancel: the same function, its float32 rounding amplified by
+    ``cancel`` (a fused kernel and its branches round differently in the same way, if less)."""
+
+    def __init__(self, weight: torch.Tensor, cancel: float, scale: float):
+        super().__init__()
+        noise = torch.randn(weight.shape, generator=torch.Generator().manual_seed(1), dtype=weight.dtype) * cancel
+        self.a, self.b, self.scale = nn.Parameter(weight + noise), nn.Parameter(-noise), scale
+
+    def forward(self, x):
+        return (x @ self.a + x @ self.b) * self.scale
+
+
+@pytest.mark.parametrize("cancel, scale, rounding", [
+    (1e7, 1.0, True),  # the converted model alone is noisy, beyond what float64 settles to 1e-10
+    (1e2, 1.01, False),  # a 1% error stands out of a floor of ~1e-4
+])
+def test_the_converted_models_noise_floor_counts_and_an_error_above_it_is_caught(cancel, scale, rounding):
+    source = nn.Linear(16, 8, bias=False)
+    x = torch.randn(4, 16)
+
+    def convert(model):
+        return _Cancelling(model.weight.detach().T.clone(), cancel, scale)
+
+    with torch.no_grad():
+        y_source, y_converted = source(x), convert(source)(x)
+    error = (y_converted - y_source).abs().max().item() / y_source.abs().max().item()
+    check = float64_check(source, convert, x, y_source, y_converted)
+    assert check.noise_f32 < 1e-6 < check.converted_noise_f32, check  # only the converted model is noisy
+    if rounding:  # neither the source's floor nor float64 explains it: the converted model's own floor does
+        assert error > 4 * check.noise_f32 and check.error_f64 > F64_TOLERANCE, (error, check)
+    assert within_rounding(error, 1e-5, check) is rounding, (error, check)
 
 
 class _Broken(nn.Module):

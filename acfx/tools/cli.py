@@ -80,7 +80,8 @@ def _print_check(result, show_sites: bool) -> None:
           f"worst fused layer on its block's input: {result.local_error:.2e} (tolerance {result.tolerance:.0e})")
     if result.error_f64 is not None:
         print(f"  over the tolerance end to end, so measured in float64 too: round trip {result.error_f64:.2e}; "
-              f"the float32 expanded model is {result.noise_f32:.2e} from its float64 result (float32 noise floor)")
+              f"the float32 expanded and collapsed models are {result.noise_f32:.2e} and "
+              f"{result.collapsed_noise_f32 or 0.0:.2e} from their float64 results (float32 noise floors)")
     print(f"exact: {'OK' if result.exact else 'FAILED'}")
     if result.strict_reload is None:
         print(f"strict reload of the collapsed state_dict into a fresh {result.name}: OK")
@@ -196,8 +197,9 @@ def _print_conversion(result, verb: str) -> None:
           f"(tolerance {result.tolerance:.0e})")
     if result.float64 is not None:
         check = result.float64
-        print(f"  over the tolerance, so repeated in float64: {check.error_f64:.2e}; the float32 source model is "
-              f"{check.noise_f32:.2e} from its float64 result (float32 noise floor)")
+        print(f"  over the tolerance, so repeated in float64: {check.error_f64:.2e}; the float32 source and {verb} "
+              f"models are {check.noise_f32:.2e} and {check.converted_noise_f32:.2e} from their float64 results "
+              "(float32 noise floors)")
     if result.written:
         print(f"wrote {result.output}")
         if result.dropped:
