@@ -10,7 +10,8 @@ DiverseBranchBlock, IdentityBasedConv1x1, BNAndPadLayer, dbb_transforms), OREPA 
 blocks.py: OREPA and its weight_gen), MobileOne (apple/ml-mobileone: MobileOneBlock), RepGhost
 (ChengpengChen/RepGhost: RepGhostModule), YOLOv6 (meituan/YOLOv6: RepVGGBlock, QARepVGGBlock), YOLOv7
 (WongKinYiu/yolov7: RepConv, ImplicitA, ImplicitM), RepLKNet (DingXiaoH/RepLKNet-pytorch: ReparamLargeKernelConv),
-UniRepLKNet (AILab-CVC/UniRepLKNet: DilatedReparamBlock), SESR (ARM-software/sesr: collapsible linear blocks).
+UniRepLKNet (AILab-CVC/UniRepLKNet: DilatedReparamBlock), SESR (ARM-software/sesr: collapsible linear blocks),
+ECBSR (xindongzhang/ECBSR: ECB and its SeqConv3x3 branches, whose 1×1 output is padded with its bias in place).
 """
 import math
 
@@ -586,6 +587,92 @@ class CollapsibleLinearBlock(nn.Module):
             kernel = kernel + identity_kernel(kernel.shape[0], 1, kernel.shape[-1], kernel)
         e = self.conv_expand
         return deploy_conv(nn.Conv2d(e.in_channels, e.in_channels, e.kernel_size, e.stride, e.padding), kernel, bias)
+
+
+# -- ECBSR ------------------------------------------------------------------------------------------------------
+_EDGE_MASKS = {"conv1x1-sobelx": [[1, 0, -1], [2, 0, -2], [1, 0, -1]],
+               "conv1x1-sobely": [[1, 2, 1], [0, 0, 0], [-1, -2, -1]],
+               "conv1x1-laplacian": [[0, 1, 0], [1, -4, 1], [0, 1, 0]]}
+
+
+class SeqConv3x3(nn.Module):
+    """ECBSR's sequential branch: a 1×1 conv, its output padded by one pixel with the 1×1's bias (assigned
+    into the zero-padded map, so that the branch is one 3×3 conv of a zero-padded input), then a learned 3×3
+    (``conv1x1-conv3x3``) or a fixed edge mask times a learned per-channel scale, depthwise. ``functional``:
+    the 1×1 as parameters and F.conv2d, as ECBSR writes it; else an nn.Conv2d."""
+
+    def __init__(self, kind, cin, cout, depth_multiplier=2, functional=True):
+        super().__init__()
+        self.kind, self.cout, self.functional = kind, cout, functional
+        mid = cout * depth_multiplier if kind == "conv1x1-conv3x3" else cout
+        first = nn.Conv2d(cin, mid, 1)
+        if functional:
+            self.k0, self.b0 = first.weight, first.bias
+        else:
+            self.conv0 = first
+        if kind == "conv1x1-conv3x3":
+            second = nn.Conv2d(mid, cout, 3)
+            self.k1, self.b1 = second.weight, second.bias
+        else:
+            self.scale = nn.Parameter(torch.randn(cout, 1, 1, 1) * 1e-3)
+            self.bias = nn.Parameter(torch.randn(cout) * 1e-3)
+            mask = torch.tensor(_EDGE_MASKS[kind], dtype=torch.float32)
+            self.register_buffer("mask", mask.expand(cout, 1, 3, 3).clone())
+
+    def _first(self):
+        return (self.k0, self.b0) if self.functional else (self.conv0.weight, self.conv0.bias)
+
+    def forward(self, x):
+        k0, b0 = self._first()
+        y0 = F.conv2d(x, k0, b0) if self.functional else self.conv0(x)
+        y0 = F.pad(y0, (1, 1, 1, 1), "constant", 0)
+        b0_pad = b0.view(1, -1, 1, 1)
+        y0[:, :, 0:1, :] = b0_pad
+        y0[:, :, -1:, :] = b0_pad
+        y0[:, :, :, 0:1] = b0_pad
+        y0[:, :, :, -1:] = b0_pad
+        if self.kind == "conv1x1-conv3x3":
+            return F.conv2d(y0, self.k1, self.b1)
+        return F.conv2d(y0, self.scale * self.mask, self.bias, groups=self.cout)
+
+    def rep_params(self):
+        k0, b0 = self._first()
+        if self.kind == "conv1x1-conv3x3":  # the 3×3 applied to the 1×1 kernel; the bias sees b0 at every tap
+            return (F.conv2d(self.k1, k0.permute(1, 0, 2, 3)),
+                    (self.k1 * b0.reshape(1, -1, 1, 1)).sum((1, 2, 3)) + self.b1)
+        depthwise = self.scale * self.mask  # [cout, 1, 3, 3]
+        return depthwise * k0, depthwise.sum((1, 2, 3)) * b0 + self.bias
+
+
+class ECB(nn.Module):
+    """ECBSR's edge-oriented conv block: a 3×3, the four SeqConv3x3 branches and the identity (when the
+    channels allow), summed, then the activation."""
+
+    def __init__(self, cin, cout, depth_multiplier=2, with_idt=True, functional=True):
+        super().__init__()
+        self.in_channels, self.out_channels = cin, cout
+        self.with_idt = with_idt and cin == cout
+        self.conv3x3 = nn.Conv2d(cin, cout, 3, padding=1)
+        self.conv1x1_3x3 = SeqConv3x3("conv1x1-conv3x3", cin, cout, depth_multiplier, functional)
+        self.conv1x1_sbx = SeqConv3x3("conv1x1-sobelx", cin, cout, functional=functional)
+        self.conv1x1_sby = SeqConv3x3("conv1x1-sobely", cin, cout, functional=functional)
+        self.conv1x1_lpl = SeqConv3x3("conv1x1-laplacian", cin, cout, functional=functional)
+        self.act = nn.PReLU(cout)
+
+    def forward(self, x):
+        y = self.conv3x3(x) + self.conv1x1_3x3(x) + self.conv1x1_sbx(x) + self.conv1x1_sby(x) + self.conv1x1_lpl(x)
+        if self.with_idt:
+            y = y + x
+        return self.act(y)
+
+    def deploy(self):
+        kernel, bias = self.conv3x3.weight, self.conv3x3.bias
+        for branch in (self.conv1x1_3x3, self.conv1x1_sbx, self.conv1x1_sby, self.conv1x1_lpl):
+            k, b = branch.rep_params()
+            kernel, bias = kernel + k, bias + b
+        if self.with_idt:
+            kernel = kernel + identity_kernel(self.out_channels, 1, 3, kernel)
+        return Deployed(deploy_conv(self.conv3x3, kernel, bias), self.act)
 
 
 # -- whole models ---------------------------------------------------------------------------------------------

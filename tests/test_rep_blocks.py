@@ -15,6 +15,7 @@ import acfx
 
 from helpers import assert_rel_close
 from rep_blocks import (
+    ECB,
     OREPA,
     CollapsibleLinearBlock,
     DilatedReparamBlock,
@@ -55,6 +56,9 @@ BLOCKS = {
     "unireplknet-7": lambda: DilatedReparamBlock(8, 7),
     "unireplknet-13": lambda: DilatedReparamBlock(8, 13),
     "sesr": lambda: CollapsibleLinearBlock(8, 32, 5),
+    "ecbsr-ecb": lambda: ECB(8, 8),
+    "ecbsr-ecb-widening": lambda: ECB(8, 16, with_idt=False),
+    "ecbsr-ecb-conv-modules": lambda: ECB(8, 8, functional=False),
 }
 
 

@@ -21,6 +21,7 @@ from timm.layers import DropPath
 from ..layers.convs import PLAIN, conv_kind, is_plain_conv1d, other_conv_reason, unknown_conv_reason
 from ..layers.norms import foldable_norm
 from ..layers.split_conv import EvenSplitConv2d
+from .border_writes import pad_with_value
 from .crops import crop_of
 from .known_layers import bias_padded_norm
 
@@ -44,8 +45,8 @@ class LinearOp:
     """One linear node: what kind, the tensor inputs it is linear in, and the rest of what it reads."""
 
     node: fx.Node
-    # "conv", "norm", "bias_padded_norm", "pool", "pad", "crop", "add", "sub", "shift", "scale", "identity",
-    # "function_conv"; "unknown_conv" (a conv whose computation acfx does not know: it stops the region's fusion,
+    # "conv", "norm", "bias_padded_norm", "pool", "pad", "value_pad" (a pad with a constant: its value), "crop",
+    # "add", "sub", "shift", "scale", "identity", "function_conv"; "unknown_conv" (a conv whose computation acfx does not know: it stops the region's fusion,
     # with ``arguments[0]`` as the reason).
     kind: str
     # The inputs it is linear in (1, or 2 for a sum or difference of two linear forms).
@@ -182,6 +183,11 @@ def _function_op(node: fx.Node, constant: FrozenSet[fx.Node]) -> Optional[Linear
     if node.target is operator.getitem:
         window = crop_of(node)
         return LinearOp(node, "crop", (node.args[0],), arguments=(window,)) if window is not None else None
+    if node.target is pad_with_value:  # a zero pad whose border the code wrote with a value (border_writes.py)
+        source, pad, value = node.args
+        if isinstance(source, fx.Node) and value in constant:
+            return LinearOp(node, "value_pad", (source,), constant=value, arguments=tuple(pad))
+        return None
     if node.target in _PADS:
         pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
         mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")

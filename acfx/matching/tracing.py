@@ -29,6 +29,7 @@ from ..layers.convs import conv_kind, extra_state, instance_override
 from ..layers.hooks import hooks_of
 from ..layers.module_copies import copy_modes
 from ..layers.norms import is_batch_norm
+from .border_writes import AssignableProxy, fold_border_writes
 from .known_layers import bias_padded_norm
 from .untraced_reach import Reach, reach_of, reach_reason
 
@@ -82,6 +83,10 @@ class AcfxTracer(fx.Tracer):
             for module in root.modules():  # recognised before tracing patches nn.Module calls (it runs them)
                 bias_padded_norm(module)
         return super().trace(root, concrete_args)
+
+    def proxy(self, node: fx.Node) -> fx.Proxy:
+        # collapse reads item assignments (border_writes.py); expand's sites never see one
+        return AssignableProxy(node, self) if self.read_layers else super().proxy(node)
 
     def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
         if self.opaque_types and isinstance(m, self.opaque_types):
@@ -172,17 +177,19 @@ class TracedPart:
                 return f"called with {count} positional arguments; acfx rewrites calls of the form module(x)"
         return None
 
-    def use_reason(self, target: str, owners: Sequence) -> Optional[str]:
+    def use_reason(self, target: str, owners: Sequence, fused: Set[fx.Node] = frozenset()) -> Optional[str]:
         """Why module ``target`` (relative to the part) may be used other than by its calls ``module(x)`` in
         the graph: another call form, a direct read of its tensors, or code tracing does not see reaching it
-        (``owners``: untraced parts and hook owners, see untraced_reach)."""
-        return (self.call_form_reason(target) or self.attribute_reason(target)
+        (``owners``: untraced parts and hook owners, see untraced_reach). Reads among ``fused`` (nodes a fusion
+        replaces with everything that uses them) are not other uses."""
+        return (self.call_form_reason(target) or self.attribute_reason(target, fused)
                 or reach_reason(self.qualify(target), self.module.get_submodule(target), owners))
 
-    def attribute_reason(self, target: str) -> Optional[str]:
+    def attribute_reason(self, target: str, fused: Set[fx.Node] = frozenset()) -> Optional[str]:
         """Why code of the part reads the parameters or buffers of module ``target`` directly (None: it does not)."""
         prefix = f"{target}."
-        read = sorted({n.target for n in self.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)})
+        read = sorted({n.target for n in self.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)
+                       and n not in fused and n.users})  # a read nothing uses computes nothing
         if read:
             return (f"the forward reads {self.qualify(read[0])} directly, which the rewritten module does not hold "
                     "under that name")
@@ -262,6 +269,7 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
             if "forward" in module.__dict__:  # fx would trace the class's forward, not the one that runs
                 raise _NotTraceable("its forward is replaced on the instance; fx traces the class's forward")
             graph = tracer.trace(module)
+            fold_border_writes(graph)
         except Exception as error:  # any failure of symbolic tracing means: try the children
             reach = reach_of(root, name)
             untraced.append(UntracedPart(name, _first_line(error), reach))

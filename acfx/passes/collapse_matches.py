@@ -65,13 +65,15 @@ def _outside_use(region: LinearRegion, scope: Scope, part: TracedPart, owners: S
     reason = _block_use(scope, part, owners) if scope.module else None
     if reason:
         return f"the block is {reason}" if reason.startswith("called") else reason
+    fused = region.node_set | set(region.constants)
+    read_by_fusion = {c for c in region.constants if all(u in fused for u in c.users)}  # ECB's bias pad reads
     for node in sorted(region.nodes, key=lambda n: n.name):
         if node.op != "call_module":
             continue
         name = part.qualify(node.target)
         if calls[node.target] != block_calls:
             return f"{name} is also called outside the block; fusing it away would break that call"
-        reason = part.use_reason(node.target, owners)
+        reason = part.use_reason(node.target, owners, read_by_fusion)
         if reason:
             return f"{name}: {reason}"
     return None
@@ -86,7 +88,7 @@ def _block_use(scope: Scope, part: TracedPart, owners: Sequence) -> Optional[str
     body = set(scope.body)
     prefix = f"{scope.module}."
     outside = sorted({n.target for n in part.graph.nodes if n.op == "get_attr" and n.target.startswith(prefix)
-                      and n not in body})
+                      and n not in body and n.users})  # a read nothing uses computes nothing
     if outside:
         return f"the forward reads {part.qualify(outside[0])} outside the block, which fusing it would remove"
     return reach_reason(part.qualify(scope.module), part.module.get_submodule(scope.module), owners)

@@ -87,7 +87,7 @@ def _materialise(form: _Form, channels: Optional[int], like: torch.Tensor) -> Un
     return ConvMap.identity(channels, like).reading(form.window)
 
 
-_PRESERVING = ("identity", "pad", "crop", "shift", "scale", "pool", "norm", "bias_padded_norm")
+_PRESERVING = ("identity", "pad", "value_pad", "crop", "shift", "scale", "pool", "norm", "bias_padded_norm")
 
 
 def _source_channels(region: LinearRegion) -> Optional[int]:
@@ -211,6 +211,8 @@ class _Evaluator:
             return self._pool(op, first)
         if op.kind in ("pad", "crop"):
             return self._window(op, first)
+        if op.kind == "value_pad":
+            return self._value_pad(op, first)
         if op.kind in ("shift", "scale"):
             return self._affine(op, first)
         if op.kind in ("add", "sub"):
@@ -243,6 +245,26 @@ class _Evaluator:
             return _Form(found.reading(first.window))
         composed = compose(first.map, found)
         return composed if isinstance(composed, Inexact) else _Form(composed)
+
+    def _value_pad(self, op: LinearOp, first: _Form) -> Union[_Form, Inexact]:
+        """A pad with a per-channel value: one conv when the value is the (pointwise) map's own bias, the
+        map's output outside its input (up to float32 rounding of the code that computed the value)."""
+        left, right, top, bottom = op.arguments
+        value = self._constant(op.constant)
+        if first.map is None:
+            return Inexact("a pad of the block's input with a value: the fused conv pads with zeros")
+        channels = first.map.out_channels
+        if not isinstance(value, torch.Tensor) or value.dim() > 4 or \
+                tuple((1, 1, 1, 1) + tuple(value.shape))[-4:] not in ((1, channels, 1, 1), (1, 1, 1, 1)):
+            return Inexact("a pad with a value that is not one number per channel")
+        value = value.detach().reshape(-1).to(self.like.dtype).expand(channels)
+        bias = first.map.bias.detach() if first.map.bias is not None else torch.zeros_like(value)
+        scale = float(bias.abs().max()) if bias.numel() else 0.0
+        if not torch.allclose(value, bias, rtol=1e-6, atol=1e-6 * scale):
+            return Inexact("a pad with a value other than the padded map's own bias (what a conv reading a "
+                           "zero-padded input gives there)")
+        found = first.map.pad_output(Window(top, bottom, left, right))
+        return found if isinstance(found, Inexact) else _Form(found)
 
     def _window(self, op: LinearOp, first: _Form) -> Union[_Form, Inexact]:
         if op.kind == "pad":
