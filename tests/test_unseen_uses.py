@@ -12,6 +12,7 @@ import warnings
 import pytest
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 import acfx
 
@@ -178,6 +179,49 @@ def test_hand_written_block_used_otherwise_is_not_collapsed(how):
     assert_rel_close(collapsed(x), y)
     assert not report.of("collapsed"), report
     assert report.of("skipped"), report
+
+
+class OwnWeights(nn.Module):
+    """A 3×3 plus a 1×1 branch whose kernels are the block's own parameters (ECBSR writes its branches so)."""
+
+    def __init__(self):
+        super().__init__()
+        self.w3, self.w1 = nn.Parameter(torch.randn(C, C, 3, 3) * 0.1), nn.Parameter(torch.randn(C, C, 1, 1) * 0.1)
+
+    def forward(self, x):
+        return F.conv2d(x, self.w3, padding=1) + F.conv2d(x, self.w1)
+
+
+class ParentOfOwnWeights(nn.Module):
+    """A forward that does not trace (it branches on the data), so its block is traced as a part of its own;
+    ``reach``: it also reads the block's own parameters (a deploy-style path: one conv of the 3×3 kernel)."""
+
+    def __init__(self, reach):
+        super().__init__()
+        self.blk, self.reach = OwnWeights(), reach
+
+    def forward(self, x):
+        if self.reach and bool(x.sum() < 0):
+            return F.conv2d(x, self.blk.w3, padding=1)
+        if bool(x.sum() < 0):
+            return self.blk(-x)
+        return self.blk(x)
+
+
+@pytest.mark.parametrize("reach", [False, True])
+def test_a_part_whose_untraced_parent_reads_its_own_parameters_is_not_collapsed(reach):
+    torch.manual_seed(0)
+    model = ParentOfOwnWeights(reach).eval()
+    collapsed, report = acfx.collapse(model, return_report=True)
+    for x in (torch.randn(2, C, 8, 8).abs(), -torch.randn(2, C, 8, 8).abs()):  # both paths of the forward
+        with torch.no_grad():
+            assert_rel_close(collapsed(x), model(x))
+    assert [e.name for e in report.of("untraced")] == [""], report
+    if reach:
+        (skipped,) = report.of("skipped")
+        assert skipped.name == "blk" and "does not trace and its code hands blk.w3" in skipped.detail, report
+    else:
+        assert [e.name for e in report.of("collapsed")] == ["blk"], report
 
 
 class ReadsWeights(nn.Module):

@@ -39,9 +39,13 @@ class Reach:
         """The uses in a stable order (reasons name the same use on every run)."""
         return tuple(sorted(self.uses, key=lambda u: (u.path, u.action)))
 
-    def use_of(self, path: Path) -> Optional[Use]:
-        """The first use that touches the module at ``path`` (None: none does)."""
+    def use_of(self, path: Path, calls_allowed: bool = False) -> Optional[Use]:
+        """The first use that touches the module at ``path`` (None: none does); ``calls_allowed``: other than
+        reading that module and calling it, which a traced part's root expects (its insides, or handing it
+        on, still count)."""
         for use in self.ordered:
+            if calls_allowed and use.path == path and use.action.startswith(("calls", "reads")) and not use.below:
+                continue
             if use.named and within(use.path, path):
                 return use
             if not use.named and covers(use.path, path, use.below):
@@ -145,11 +149,12 @@ def hook_owners(root: nn.Module) -> List[HookOwner]:
     return owners
 
 
-def reach_reason(name: str, module: nn.Module, owners: Sequence) -> Optional[str]:
+def reach_reason(name: str, module: nn.Module, owners: Sequence, part_root: bool = False) -> Optional[str]:
     """Why the module ``name`` may be used directly by code acfx did not trace (None: it is not).
 
     ``owners``: modules whose forward did not trace (their children are called as the traced parts) and
-    modules with hooks (:class:`HookOwner`), each with a ``name`` and a :class:`Reach`.
+    modules with hooks (:class:`HookOwner`), each with a ``name`` and a :class:`Reach`. ``part_root``: the
+    module is a traced part, which untraced code is expected to call; any other use of it counts.
     """
     site = _path(name)
     for owner in owners:
@@ -159,7 +164,7 @@ def reach_reason(name: str, module: nn.Module, owners: Sequence) -> Optional[str
                 f"'{label}' does not trace and its code")
         fix = "remove the hook or exclude this site" if hook else "make its forward traceable or exclude it"
         below = name != owner.name and (not owner.name or name.startswith(owner.name + "."))
-        use = owner.reach.use_of(site)
+        use = owner.reach.use_of(site, calls_allowed=part_root and not hook)
         if use is not None:
             where = f" in {use.where}" if use.where else ""
             return f"{what} {use.action}{where}, so it may call this module directly, unseen; {fix}"

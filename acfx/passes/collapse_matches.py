@@ -62,7 +62,10 @@ def _outside_use(region: LinearRegion, scope: Scope, part: TracedPart, owners: S
                  calls: Dict[str, int]) -> Optional[str]:
     """Why the block, or a module inside the region, is used other than by the block's calls module(x)."""
     block_calls = len(part.call_forms.get(scope.module, ())) if scope.module else 1
-    reason = _block_use(scope, part, owners) if scope.module else None
+    if scope.module:
+        reason = _block_use(scope, part, owners)
+    else:  # the part's own root: a child of a module that did not trace, whose code may use it otherwise
+        reason = reach_reason(part.name, part.module, owners, part_root=True) if part.name else None
     if reason:
         return f"the block is {reason}" if reason.startswith("called") else reason
     fused = region.node_set | set(region.constants)
