@@ -9,7 +9,10 @@ from timm.layers.padding import pad_same
 
 from .geometry import Window
 
-__all__ = ["DynamicSamePad2d", "make_pad", "crop", "crop_sides", "PAD_MODULES"]
+__all__ = ["DynamicSamePad2d", "make_pad", "crop", "crop_sides", "PAD_MODULES", "PAD_FUNCTIONS"]
+
+# The functions a traced graph calls to pad (F.pad, and the aten binding it dispatches to in some versions).
+PAD_FUNCTIONS = (torch.nn.functional.pad,) + ((torch._C._nn.pad,) if hasattr(torch._C._nn, "pad") else ())
 
 # torch.nn padding modules by conv padding_mode; acfx builds these and collapse reads them back.
 PAD_MODULES = {

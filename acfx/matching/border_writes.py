@@ -25,10 +25,11 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from ..layers.padding import PAD_FUNCTIONS
+
 __all__ = ["AssignableProxy", "pad_with_value", "fold_border_writes", "UnfoldedWrite"]
 
 _MARK = "acfx_item_assignment"
-_PADS = (F.pad,) + ((torch._C._nn.pad,) if hasattr(torch._C._nn, "pad") else ())
 
 
 class UnfoldedWrite(Exception):
@@ -143,7 +144,7 @@ def fold_border_writes(graph: fx.Graph) -> None:
     for write in writes:
         by_target.setdefault(write.args[0], []).append(write)
     for target, group in by_target.items():
-        if not (target.op == "call_function" and target.target in _PADS and _fold(target, group, order)):
+        if not (target.op == "call_function" and target.target in PAD_FUNCTIONS and _fold(target, group, order)):
             raise UnfoldedWrite(f"item assignment into {target.name} ('{target.format_node()[:80]}'): fx cannot "
                                 "trace it, and acfx reads only a zero pad's border written with one value")
     graph.lint()

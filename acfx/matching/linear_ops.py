@@ -20,6 +20,7 @@ from timm.layers import DropPath
 
 from ..layers.convs import PLAIN, conv_kind, is_plain_conv1d, other_conv_reason, unknown_conv_reason
 from ..layers.norms import foldable_norm
+from ..layers.padding import PAD_FUNCTIONS
 from ..layers.split_conv import EvenSplitConv2d
 from .border_writes import pad_with_value
 from .crops import crop_of
@@ -32,7 +33,6 @@ _SUBS = (operator.sub, operator.isub, torch.sub)
 _MULS = (operator.mul, operator.imul, torch.mul)
 _DIVS = (operator.truediv, operator.itruediv, torch.div)
 _CONVS = (F.conv2d, torch.conv2d, F.conv1d, torch.conv1d)  # a 1-d conv is read as a 2-d one of height 1
-_PADS = (F.pad,) + ((torch._C._nn.pad,) if hasattr(torch._C._nn, "pad") else ())
 # Pure functions and methods a constant may be computed with (no randomness, no state).
 _RANDOM = {"rand", "randn", "randint", "rand_like", "randn_like", "normal", "bernoulli", "dropout", "uniform_",
            "normal_", "manual_seed", "empty", "empty_like"}
@@ -188,7 +188,7 @@ def _function_op(node: fx.Node, constant: FrozenSet[fx.Node]) -> Optional[Linear
         if isinstance(source, fx.Node) and value in constant:
             return LinearOp(node, "value_pad", (source,), constant=value, arguments=tuple(pad))
         return None
-    if node.target in _PADS:
+    if node.target in PAD_FUNCTIONS:
         pad = node.args[1] if len(node.args) > 1 else node.kwargs.get("pad")
         mode = node.args[2] if len(node.args) > 2 else node.kwargs.get("mode", "constant")
         value = node.args[3] if len(node.args) > 3 else node.kwargs.get("value", None)

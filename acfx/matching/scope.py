@@ -11,18 +11,15 @@ from __future__ import annotations
 import dataclasses
 from typing import Dict, List, Optional, Set, Tuple
 
-import torch
 import torch.fx as fx
 import torch.nn as nn
-import torch.nn.functional as F
 
 from ..layers.geometry import Window
-from ..layers.padding import PAD_MODULES, DynamicSamePad2d
+from ..layers.padding import PAD_FUNCTIONS, PAD_MODULES, DynamicSamePad2d
 from .module_stacks import common_prefix
 
 __all__ = ["PreOp", "Scope", "ScopeIndex", "pre_op_of"]
 
-_PAD_FUNCTIONS = (F.pad, torch._C._nn.pad) if hasattr(torch._C._nn, "pad") else (F.pad,)
 _MODE_OF = {cls: mode for mode, cls in PAD_MODULES.items()}
 
 
@@ -66,7 +63,7 @@ def _pad_function_op(node: fx.Node) -> Optional[PreOp]:
 
 def pre_op_of(node: fx.Node, modules: Dict[str, nn.Module]) -> Optional[PreOp]:
     """The padding ``node`` performs, if it is one acfx can fold into a conv's padding."""
-    if node.op == "call_function" and node.target in _PAD_FUNCTIONS:
+    if node.op == "call_function" and node.target in PAD_FUNCTIONS:
         return _pad_function_op(node)
     if node.op != "call_module":
         return None
