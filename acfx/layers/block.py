@@ -150,6 +150,14 @@ class ACBlock(RecordedLayout):
         """The NormTail in the BN's slot after this block (None: the block's output is its own)."""
         return self._tail[0] if self._tail else None
 
+    def unlink_tail(self) -> None:
+        """Drop the links between this block and its NormTail (collapse does, once it has replaced both): they
+        refer to each other, a cycle only Python's cyclic collector frees."""
+        tail = self.tail()
+        if tail is not None and tail.block() is self:
+            tail._block = ()
+        self._tail = ()
+
     # -- the branches -------------------------------------------------------------------------------------
     @torch.jit.unused
     def branches(self) -> List[Branch]:

@@ -77,6 +77,8 @@ def combine(terms: Sequence[Term], size: Tuple[int, int]) -> Tuple[torch.Tensor,
 
 def fit(found: ConvMap, kernel_size: Tuple[int, int], window: Window) -> Union[ConvMap, Inexact]:
     """``found`` written as a map of ``kernel_size`` reading ``window`` (a conv's own geometry), if it is one."""
+    if found.kernel_size == tuple(kernel_size) and found.window == window:
+        return found  # already that map (adding it to a zero kernel of the same geometry would only copy it)
     target = ConvMap(found.kernel.new_zeros(found.out_channels, found.kernel.shape[1], *kernel_size), None,
                      found.stride, found.dilation, found.groups, window)
     summed = add([target, found])

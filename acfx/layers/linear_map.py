@@ -294,18 +294,26 @@ def add(maps: Sequence[ConvMap]) -> Union[ConvMap, Inexact]:
     if isinstance(aligned, Inexact):
         return aligned
     groups = min(m.groups for m in maps)
-    parts = []
+    kernel = bias = None
+    own_kernel = own_bias = False  # whether the running sums are tensors made here (then added into in place)
     for m, offset in zip(maps, aligned.offsets):
         regrouped = m.with_groups(groups)
         if isinstance(regrouped, Inexact):
             return Inexact(f"maps of {sorted({m.groups for m in maps})} groups cannot be added into one conv")
         # one dilation for all (a side of one tap takes any): the embedding grows the window by it
-        parts.append(dataclasses.replace(regrouped, dilation=aligned.dilation).embedded(aligned.kernel_size, offset))
-    kernel = parts[0].kernel
-    for part in parts[1:]:
-        kernel = kernel + part.kernel
-    biases = [p.bias for p in parts if p.bias is not None]
-    bias = None
-    for b in biases:
-        bias = b if bias is None else bias + b
+        part = dataclasses.replace(regrouped, dilation=aligned.dilation).embedded(aligned.kernel_size, offset)
+        kernel, own_kernel = _accumulated(kernel, part.kernel, own_kernel)
+        if part.bias is not None:
+            bias, own_bias = _accumulated(bias, part.bias, own_bias)
     return ConvMap(kernel, bias, maps[0].stride, aligned.dilation, groups, aligned.window)
+
+
+def _accumulated(total: Optional[torch.Tensor], term: torch.Tensor, owned: bool) -> Tuple[torch.Tensor, bool]:
+    """(``total + term``, whether the result is a tensor made here). The sum goes into ``total`` itself when that
+    was made here (never into a caller's tensor), so that a block's fused kernel costs one kernel of memory
+    beyond its branches, not one per branch."""
+    if total is None:
+        return term, False
+    if owned and total.dtype == torch.promote_types(total.dtype, term.dtype) and total.shape == term.shape:
+        return total.add_(term), True
+    return total + term, True

@@ -293,8 +293,23 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
                 if copied is not None and module.training != training:
                     _switch_dual_graph(module, training)
                 module.training = training
-        visit("", subject)
+        try:
+            visit("", subject)
+        finally:
+            visit = None  # noqa: F841 (a recursive closure is a cycle holding ``real``, every module of root)
+            if copied is not None:
+                _drop_tensors(copied)
     return traced, untraced
+
+
+def _drop_tensors(copied: nn.Module) -> None:
+    """Empty a traced skeleton copy of the tensors it shares with the model. The copy is garbage once traced,
+    but a cycle in it (an ACBlock and its NormTail refer to each other; so may a model's own modules) would
+    keep them, the model's weights, from being freed until Python's cyclic collector runs: after a pass that
+    replaced them, a second model's worth of memory (GPU memory included)."""
+    for module in copied.modules():
+        module._parameters.clear()
+        module._buffers.clear()
 
 
 def _switch_dual_graph(module: nn.Module, training: bool) -> None:

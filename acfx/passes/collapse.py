@@ -5,7 +5,7 @@ import dataclasses
 import logging
 import typing
 import warnings
-from typing import Dict, List, Literal, Sequence, Tuple, Type, Union, overload
+from typing import Dict, List, Literal, Sequence, Set, Tuple, Type, Union, overload
 
 import torch.nn as nn
 
@@ -117,6 +117,7 @@ def collapse(model: nn.Module, *, blocks: Blocks = "all", fold_bn: bool = False,
     _refuse_meta(model)
     target = working_copy(model, inplace, "collapse")
     swaps = ModuleSwaps(target)
+    before = {id(m) for m in target.modules()}
     try:
         fused = _collapse_blocks(target, leaves, fold_bn, foreign=blocks == "all")
         result = swaps.apply(fused.replacements)
@@ -129,6 +130,7 @@ def collapse(model: nn.Module, *, blocks: Blocks = "all", fold_bn: bool = False,
         raise
     for module in fused.fused:
         restore_cfg(module)
+    _unlink_replaced(fused.fused, before, {id(m) for m in result.modules()})
     if not any(isinstance(m, (ACBlock, NormTail, OnlineACConv)) for m in result.modules()):
         remove_guards(result)
     _warn_train_mode(fused.in_train_mode + (folded.in_train_mode if folded else ()))
@@ -148,6 +150,18 @@ class _Collapsed:
     hooked: Tuple[str, ...]
     in_train_mode: Tuple[str, ...]
     fused: Tuple[nn.Module, ...]
+
+
+def _unlink_replaced(fused: Sequence[nn.Module], before: Set[int], after: Set[int]) -> None:
+    """Break the block ↔ NormTail link of each ACBlock collapse took out of the model with its tail, so that
+    both are freed at once (GPU memory included), not at Python's next cyclic collection. A tail outside the
+    collapsed module stays linked: it still reads its block's shift."""
+    for module in fused:
+        if not isinstance(module, ACBlock) or id(module) in after:
+            continue
+        tail = module.tail()
+        if tail is not None and id(tail) in before and id(tail) not in after:
+            module.unlink_tail()
 
 
 def _refuse_meta(model: nn.Module) -> None:
