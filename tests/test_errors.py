@@ -58,6 +58,35 @@ def test_non_finite_statistics_at_collapse(tensor):
     assert _unchanged(expanded, before)
 
 
+@pytest.mark.parametrize("recipe,where", [("acb", "hor"), ("acb", "square"), ("dbb", "chain"),
+                                          ("mobileone", "square_2")])
+@pytest.mark.parametrize("value", [float("nan"), float("inf")])
+def test_non_finite_branch_weight_at_collapse(recipe, where, value):
+    """A branch conv's weight is checked as its BN's statistics are: named, and the model left as it was."""
+    expanded = randomize_bn(acfx.expand(_net(), recipe=recipe)).eval()
+    expanded[3].get_submodule(where).weight.data.view(-1)[1] = value
+    before = _snapshot(expanded)
+    with pytest.raises(ValueError, match=rf"weight of '3.{where}' is not finite"):
+        acfx.collapse(expanded, inplace=True)
+    assert _unchanged(expanded, before)
+
+
+@pytest.mark.parametrize("change", ["norm", "dilation"])
+def test_a_branch_replaced_after_expand_is_named_at_collapse(change):
+    """A block whose branch a user replaced by a module that runs but is not what expand built (a GroupNorm,
+    a conv reading another window): a ValueError naming the block, not an internal error; the model as it was."""
+    expanded = randomize_bn(acfx.expand(_net())).eval()
+    if change == "norm":
+        expanded[3].hor_bn = nn.GroupNorm(2, 4)
+    else:
+        expanded[3].hor = nn.Conv2d(4, 4, (1, 3), padding=(0, 2), dilation=(1, 2), bias=False)
+    expanded(torch.randn(1, 3, 8, 8))  # it still runs
+    before = _snapshot(expanded)
+    with pytest.raises(ValueError, match=r"the ACBlock at '3' cannot be fused.*replaced after expand"):
+        acfx.collapse(expanded, inplace=True)
+    assert _unchanged(expanded, before)
+
+
 def test_non_finite_statistics_when_folding():
     model = randomize_bn(_net()).eval()
     model[1].running_var.data[0] = float("inf")

@@ -326,15 +326,14 @@ class ACBlock(RecordedLayout):
                 found = branch_map(branch.modules, [f"{prefix}{n}" for n in branch.names], branch.layout.crop,
                                    self.in_channels, like)
                 if isinstance(found, Inexact):
-                    raise AssertionError(f"acfx internal error: branch {prefix}{branch.name} is not linear: "
-                                         f"{found.reason}; please report it")
+                    raise _changed_block(f"its branch {prefix}{branch.name} is not a linear map ({found.reason})",
+                                         prefix)
                 maps.append(found)
             summed = add(maps)
             if not isinstance(summed, Inexact):
                 summed = fit(summed, self.kernel_size, self.plan.fused_window)
             if isinstance(summed, Inexact):
-                raise AssertionError(f"acfx internal error: the branches of {prefix or 'a block'} do not add up: "
-                                     f"{summed.reason}; please report it")
+                raise _changed_block(f"its branches do not add up to one conv ({summed.reason})", prefix)
         return summed.kernel, summed.bias
 
     def eval_shift(self) -> torch.Tensor:
@@ -348,7 +347,7 @@ class ACBlock(RecordedLayout):
             if len(modules) > 2 or (len(modules) == 2 and _is_norm(modules[0])):
                 found = branch_bias(modules, names, self.in_channels, primary.weight)
                 if isinstance(found, Inexact):
-                    raise AssertionError(f"acfx internal error: branch {names} is not linear: {found.reason}")
+                    raise _changed_block(f"its branch {'→'.join(names)} is not a linear map ({found.reason})", "")
                 shift = shift + found
                 continue
             conv = modules[0] if modules and not _is_norm(modules[0]) else None
@@ -392,6 +391,15 @@ class ACBlock(RecordedLayout):
     def extra_repr(self) -> str:
         kinds = self.branch_names()[1:]
         return f"branches={kinds}, bn_per_branch={self.has_norms()}"
+
+
+def _changed_block(what: str, prefix: str) -> ValueError:
+    """The error for a block whose branches are not what expand built: a module of it was replaced since."""
+    where = f"the ACBlock at '{prefix[:-1]}'" if prefix else "an ACBlock"
+    return ValueError(f"acfx: {where} cannot be fused: {what}. expand builds every branch as a linear map of the "
+                      "block's window; if a module of the block was replaced after expand, put back one of the same "
+                      "kind and geometry (or load the trained state_dict into a freshly expanded model and collapse "
+                      "that); otherwise this is a bug in acfx, please report it")
 
 
 class NormTail(nn.Module):

@@ -58,6 +58,18 @@ def _check_result(names: Sequence[str], kernel: torch.Tensor, bias: Optional[tor
     check_finite(names[0], "fused bias", bias)
 
 
+def _check_block_result(block: nn.Module, name: str, kernel: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
+    """A block's fused kernel and bias must be finite; else the first non-finite tensor of the block is named
+    (its BNs' are checked as they are folded; a branch conv's weight is found here)."""
+    if bool(torch.isfinite(kernel).all()) and (bias is None or bool(torch.isfinite(bias).all())):
+        return
+    for path, tensor in block.named_parameters():
+        module, _, what = path.rpartition(".")
+        check_finite(f"{name}.{module}" if name else module, what, tensor.detach())
+    check_finite(name or "the block", "fused kernel", kernel)
+    check_finite(name or "the block", "fused bias", bias)
+
+
 def combine(terms: Sequence[Term], size: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Σ over ``terms`` of their BN-folded kernels placed at their offsets in a kernel of ``size``, and the
     summed bias (None when no term has a BN or a bias), in :func:`fusion_dtype`."""
@@ -147,6 +159,7 @@ def fuse_pair(block: Optional[nn.Module], restore_tail: bool = True, name: str =
     if block is None:
         return None, None
     kernel, bias = block.fused(f"{name}." if name else "")
+    _check_block_result(block, name, kernel, bias)
     primary = block.primary_conv()
     keep_bias = primary.bias is not None
     tail = block.tail()
