@@ -110,6 +110,28 @@ def test_autocast_channels_last_training_then_exact_float32_collapse(dtype):
         assert_rel_close(collapsed(x), model(x))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_low_precision_convs_with_float32_norms_run_and_collapse(dtype):
+    """Convs in half precision with their BNs kept in float32 (apex O2's keep_batchnorm_fp32): a BN gives its
+    input's dtype, and so must a NormTail in eval, or the next half conv gets a float32 input."""
+    torch.manual_seed(0)
+    model = randomize_bn(_small()).to(dtype)
+    for m in model.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.float()
+    x = torch.randn(2, 3, 32, 32, dtype=dtype)
+    expanded = acfx.expand(model, init="preserve")
+    for mode in ("train", "eval"):
+        with torch.no_grad():
+            y = getattr(expanded, mode)()(x)
+            y_plain = getattr(model, mode)()(x)
+        assert y.dtype == y_plain.dtype == dtype, f"{mode}: {y.dtype}, the plain model gives {y_plain.dtype}"
+        assert_rel_close(y.float(), y_plain.float(), tol=0.05, what=f"{mode} forward of preserve-init in {dtype}")
+    collapsed = acfx.collapse(expanded.eval())
+    with torch.no_grad():
+        assert_rel_close(collapsed(x).float(), expanded(x).float(), tol=0.05, what=f"collapsed in {dtype}")
+
+
 # -------------------------------------------------------------------------------------- torch.compile
 
 def test_torch_compile_matches_eager_in_training_and_after_collapse():

@@ -311,7 +311,9 @@ class ACBlock(RecordedLayout):
         other = alternative_forward(self) if self.impl != "branches" else None
         out = other(self, x) if other is not None else self._branch_forward(x)
         if not self.training and self.paired:
-            out = out - self.eval_shift().view(1, -1, 1, 1)  # the NormTail after the block adds it back
+            # the NormTail after the block adds it back; in the output's dtype (a BN in float32 after a half
+            # conv gives a half output)
+            out = out - self.eval_shift().to(out.dtype).view(1, -1, 1, 1)
         return out
 
     # -- fusion -------------------------------------------------------------------------------------------
@@ -465,7 +467,7 @@ class NormTail(nn.Module):
         block = self.block()
         if block is None or block.training or _symbolic_tracing():
             return x.clone()
-        return x + block.eval_shift().view(1, -1, 1, 1)
+        return x + block.eval_shift().to(x.dtype).view(1, -1, 1, 1)  # in x's dtype, as a BN gives
 
     def fuse(self) -> nn.Module:
         """The BN of the original kind this slot holds again once its block is fused (its ``fuse()``)."""
