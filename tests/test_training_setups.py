@@ -223,6 +223,31 @@ def test_frozen_batchnorm_layers_are_skipped_with_the_fix_named():
     assert any("FrozenBatchNorm2d" in r and "unfreeze" in r for r in reasons), reasons
 
 
+@pytest.mark.parametrize("recipe", ["acb", "dbb"])
+def test_preserve_init_leaves_a_conv_whose_bn_affine_is_frozen(recipe):
+    """init="preserve" starts the new branch BNs at γ = β = 0; frozen with the BN, the branches could never
+    train (their gradient is γ times anything): such a conv is left, with the fix named. With init="scratch"
+    (γ = 1) and in online form (scales follow the conv) it expands and every new kernel gets a gradient."""
+    model = _small().train()
+    model.bn1.weight.requires_grad_(False)
+    model.bn1.bias.requires_grad_(False)
+    _, report = acfx.expand(model, init="preserve", recipe=recipe, return_report=True)
+    skipped = {e.name: e.detail for e in report.skipped}
+    assert "frozen" in skipped.get("conv1", "") and "init='scratch'" in skipped["conv1"], skipped
+    assert "layer1.0.conv1" in {e.name for e in report.of("expanded")}
+    for kwargs in ({"init": "scratch"}, {"init": "preserve", "mode": "online"}):
+        expanded = acfx.expand(model, recipe=recipe, **kwargs)
+        optimizer = torch.optim.SGD([p for p in expanded.parameters() if p.requires_grad], lr=0.1)
+        for _ in range(2):  # a zero scale (online, preserve) gets a gradient first, its kernel the step after
+            optimizer.zero_grad()
+            expanded(torch.randn(2, 3, 32, 32)).square().mean().backward()
+            optimizer.step()
+        new = [(n, p) for n, p in expanded.conv1.named_parameters()
+               if p.requires_grad and not n.startswith(("square.", "conv."))]
+        assert new and all(p.grad is not None and p.grad.abs().sum() > 0 for _, p in new), \
+            (kwargs, [(n, None if p.grad is None else p.grad.abs().sum().item()) for n, p in new])
+
+
 def test_bn_in_eval_mode_with_frozen_parameters_stays_frozen_in_every_branch():
     model = _small().train()
     model.bn1.eval().requires_grad_(False)

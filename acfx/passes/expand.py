@@ -180,7 +180,8 @@ class _Site:
 
 def _site(call: ConvCall, opts: ExpandOptions, other: OtherMode) -> _Site:
     """The replacements for one conv call (none if it is skipped) and its report entry."""
-    verdict = expand_verdict(call, opts.filter_fn, opts.include_unnormed)
+    verdict = expand_verdict(call, opts.filter_fn, opts.include_unnormed,
+                             zero_branch_norms=opts.init == "preserve" and opts.norm == "branch" and opts.mode == "exact")
     if not verdict.skip:
         mode_reason = other.reason(call, call.norm_name if verdict.no_norm is None else None)
         if mode_reason:

@@ -69,9 +69,11 @@ def _norm_reason(call: ConvCall) -> Optional[str]:
     return None
 
 
-def expand_verdict(call: ConvCall, filter_fn: Optional[FilterFn], include_unnormed: bool) -> Verdict:
+def expand_verdict(call: ConvCall, filter_fn: Optional[FilterFn], include_unnormed: bool,
+                   zero_branch_norms: bool = False) -> Verdict:
     """expand: a known k×k Conv2d (both sides ≥ 2), trainable, without hooks that would change meaning,
-    followed by a supported BN (or none, with ``include_unnormed``)."""
+    followed by a supported BN (or none, with ``include_unnormed``). ``zero_branch_norms``: the new branches'
+    BNs start at γ = β = 0 (init="preserve" with a BN per branch), so the BN's affine parameters must train."""
     reason = _conv_reason(call)
     if reason:
         return Verdict(reason)
@@ -88,6 +90,12 @@ def expand_verdict(call: ConvCall, filter_fn: Optional[FilterFn], include_unnorm
         return Verdict(reason, hooked=True)
     no_norm = _norm_reason(call) or unsupported_norm_reason(call.norm)
     if no_norm is None:
+        norm = call.norm
+        if zero_branch_norms and norm.affine and not norm.weight.requires_grad:
+            return Verdict(f"BatchNorm {call.consumer.norm_name}'s weight is frozen (requires_grad=False): with "
+                           "init='preserve' the new branches' BNs would start at γ = 0 with it and never train, so "
+                           "the branches could never learn; unfreeze the BN's weight and bias, or expand with "
+                           "init='scratch' (or mode='online', whose scales follow the conv)")
         # A BN's forward hooks see the normalised sum in the module left in its slot: carried there.
         no_norm = hook_reason(call.norm, "BatchNorm", carries_forward=True)
         return Verdict(no_norm, hooked=no_norm is not None)  # None: expanded with its BN
