@@ -105,6 +105,62 @@ def test_untraced_code_calling_children_whole_still_expands():
     assert [e.name for e in report.of("expanded")] == ["blk.conv"]
 
 
+class ReadsTensorsOfAChild(nn.Module):
+    """Code that does not trace and reads the block's tensors through nn.Module's own methods."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.stem, self.blk, self.how = nn.Conv2d(3, C, 1), Block(), how
+
+    def forward(self, x):
+        x = self.blk(self.stem(x))
+        if x.mean() > -100:  # data-dependent: the forward does not trace, its code is read
+            x = x * 1.0
+        if self.how == "parameters":
+            w = next(self.blk.parameters())
+        elif self.how == "named_parameters":
+            w = dict(self.blk.named_parameters())["conv.weight"]
+        elif self.how == "state_dict":
+            w = self.blk.state_dict()["bn.running_mean"]
+        elif self.how == "buffers":
+            w = next(iter(self.blk.buffers()))
+        else:
+            w = self.blk.get_parameter("conv.weight")
+        return x * w.abs().mean()
+
+
+@pytest.mark.parametrize("how", ["parameters", "named_parameters", "state_dict", "buffers", "get_parameter"])
+def test_untraced_code_reading_tensors_through_module_methods_leaves_the_site(how):
+    torch.manual_seed(0)
+    report = _check_preserved(ReadsTensorsOfAChild(how), torch.randn(2, 3, 8, 8))
+    assert "does not trace" in _site_reason(report, "blk.conv")
+
+
+class AsksForTheDevice(nn.Module):
+    """Code that does not trace and asks where the model lives, the common way: no tensor's value is read."""
+
+    def __init__(self, how):
+        super().__init__()
+        self.stem, self.blk, self.how = nn.Conv2d(3, C, 1), Block(), how
+
+    def forward(self, x):
+        if self.how == "dtype":
+            x = x.to(next(self.parameters()).dtype)
+        elif self.how == "iter":
+            x = x.to(next(iter(self.blk.buffers())).device)
+        else:
+            x = x.to(next(self.blk.parameters()).device)
+        x = self.blk(self.stem(x))
+        return x * 1.0 if x.mean() > -100 else x
+
+
+@pytest.mark.parametrize("how", ["dtype", "iter", "device"])
+def test_untraced_code_asking_for_the_device_still_expands(how):
+    torch.manual_seed(0)
+    report = _check_preserved(AsksForTheDevice(how), torch.randn(2, 3, 8, 8))
+    assert [e.name for e in report.of("expanded")] == ["blk.conv"]
+
+
 class HeldInList(nn.Module):
     """A module kept in a plain list (not registered twice) and called by code that does not trace."""
 

@@ -69,10 +69,15 @@ _DYNAMIC_BUILTINS = {getattr(builtins, name) for name in ("eval", "exec", "compi
                                                          "vars", "dir", "breakpoint", "open", "input")}
 # nn.Module's own methods: how each uses the module it is called on.
 _CALLS = {"__call__", "_call_impl", "_wrapped_call_impl", "forward"}
-_HARMLESS = {"parameters", "named_parameters", "buffers", "named_buffers", "state_dict", "train", "eval", "to", "cpu",
-             "cuda", "xpu", "mps", "half", "float", "double", "bfloat16", "type", "zero_grad", "requires_grad_",
-             "extra_repr", "__repr__", "_get_name", "__dir__", "get_parameter", "get_buffer", "__getstate__",
-             "register_buffer", "register_parameter", "_named_members", "__setstate__", "share_memory"}
+_HARMLESS = {"train", "eval", "to", "cpu", "cuda", "xpu", "mps", "half", "float", "double", "bfloat16", "type",
+             "zero_grad", "requires_grad_", "extra_repr", "__repr__", "_get_name", "__dir__", "__getstate__",
+             "register_buffer", "register_parameter", "__setstate__", "share_memory"}
+# Methods that give the tensors below a module: their values are read (expand replaces them), unless only a
+# tensor's device or dtype is (``next(self.parameters()).device``, see CodeReader._e_Attribute).
+_TENSOR_LISTS = {"parameters", "named_parameters", "buffers", "named_buffers", "state_dict", "_named_members"}
+_TENSOR_GETTERS = {"get_parameter", "get_buffer"}
+# What ``next(module.parameters())`` may be read for without its values mattering.
+_TENSOR_METADATA = {"device", "dtype", "is_cuda", "is_cpu", "is_meta"}
 _CONTAINERS = {"children": (CHILD, 1), "named_children": (CHILD, 2), "modules": (ANY, 1), "named_modules": (ANY, 2)}
 # Methods of a Python container that put a value in it.
 _MUTATORS = {"append", "extend", "insert", "add", "update", "setdefault", "appendleft", "extendleft"}
@@ -153,6 +158,26 @@ def _module_method(function: object) -> Optional[str]:
     """The name of ``function`` if it is one of nn.Module's own methods."""
     name = getattr(function, "__name__", None)
     return name if name is not None and vars(nn.Module).get(name) is function else None
+
+
+def _first_tensor_call(node: ast.Attribute) -> Optional[Tuple[ast.expr, Optional[ast.expr], ast.expr, str]]:
+    """(the ``next`` name, the ``iter`` name or None, the module expression, the method) of
+    ``next([iter(]M.parameters()[)]).device``; None for any other expression."""
+    call = node.value
+    if node.attr not in _TENSOR_METADATA or not _one_argument_call(call) or not isinstance(call.func, ast.Name):
+        return None
+    inner, iter_name = call.args[0], None
+    if _one_argument_call(inner) and isinstance(inner.func, ast.Name):
+        inner, iter_name = inner.args[0], inner.func
+    if not (isinstance(inner, ast.Call) and isinstance(inner.func, ast.Attribute) and not inner.args
+            and not inner.keywords and inner.func.attr in ("parameters", "buffers")):
+        return None
+    return call.func, iter_name, inner.func.value, inner.func.attr
+
+
+def _one_argument_call(node: ast.expr) -> bool:
+    return isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords \
+        and not isinstance(node.args[0], ast.Starred)
 
 
 def _defining_class(cls: type, name: str) -> Optional[type]:
@@ -387,6 +412,12 @@ class CodeReader:
                 self._hand_over(args.values(), frame, f"the module {path_text(path)}")
             elif method in _HARMLESS:
                 self._use(path, f"calls {path_text(path)}.{method}()", frame)
+            elif method in _TENSOR_LISTS:
+                self._use(path, f"reads the tensors below {path_text(path)} ({method}())", frame, below=True)
+            elif method in _TENSOR_GETTERS and args.positional and _decided_str(args.positional[0]):
+                child = path + tuple(_decided_str(args.positional[0]).split("."))
+                self._use(child, f"reads {path_text(child)} ({method}())", frame)
+                out.add(Ref(child))
             elif method in _CONTAINERS:
                 wildcard, depth = _CONTAINERS[method]
                 out.add(Ref(path + (wildcard,), depth))
@@ -846,7 +877,27 @@ class CodeReader:
         return frozenset({Const(node.value) if _simple(node.value) else UNKNOWN})
 
     def _e_Attribute(self, node, frame):
+        metadata = self._tensor_metadata(node, frame)
+        if metadata is not None:
+            return metadata
         return self._attribute(self._expr(node.value, frame), mangle(node.attr, frame.class_name), frame)
+
+    def _tensor_metadata(self, node: ast.Attribute, frame: _Frame) -> Optional[Value]:
+        """``next(module.parameters()).device`` (or ``.dtype``, ``buffers()``, ``iter(...)``): the common way
+        to ask a module where it lives reads no tensor's values, so it uses the module as calling it would."""
+        found = _first_tensor_call(node)
+        if found is None:
+            return None
+        next_name, iter_name, receiver, method = found
+        if self._expr(next_name, frame) != frozenset({Known(builtins.next)}) or \
+                iter_name is not None and self._expr(iter_name, frame) != frozenset({Known(builtins.iter)}):
+            return None
+        methods = self._attribute(self._expr(receiver, frame), method, frame)
+        if not all(isinstance(a, Bound) and _module_method(a.function) == method for a in methods):
+            return None
+        for ref in refs(frozenset().union(*(a.receiver for a in methods))):
+            self._use(ref.path, f"reads the {node.attr} of a tensor of {path_text(ref.path)}", frame)
+        return frozenset({UNKNOWN})
 
     def _e_Subscript(self, node, frame):
         container = self._expr(node.value, frame)
