@@ -105,3 +105,21 @@ def test_expanded_on_the_meta_device_then_materialised_loads_its_checkpoint(assi
     expanded.load_state_dict(state, assign=assign)
     assert torch.equal(expanded[0].layout, state["0.layout"])
     assert torch.equal(expanded.state_dict()["0.layout"], state["0.layout"])
+
+
+@pytest.mark.parametrize("case", ["path", "list value", "model is a dict", "not a mapping"])
+def test_load_state_dict_strict_names_a_wrong_argument(case, tmp_path):
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.BatchNorm2d(4))
+    state = model.state_dict()
+    path = tmp_path / "plain.pth"
+    torch.save(state, path)
+    args, match = {
+        "path": ((model, str(path)), "is a path .* not a state_dict: read it first"),
+        "list value": ((model, {**state, "0.weight": [1.0]}), r"must be a tensor.*0\.weight \(list\)"),
+        "model is a dict": ((state, state), "model must be a torch.nn.Module, got OrderedDict"),
+        "not a mapping": ((model, list(state.values())), "must be a mapping .* got list"),
+    }[case]
+    before = {k: v.clone() for k, v in state.items()}
+    with pytest.raises(TypeError, match=match):
+        load_state_dict_strict(*args)
+    assert all(torch.equal(model.state_dict()[k], v) for k, v in before.items())

@@ -208,6 +208,7 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
     """Load ``state`` into ``model`` if every key, shape and recorded block layout matches; else raise
     :class:`CheckpointMismatch` and load nothing. Checkpoints written before block layouts were recorded
     (no ``layout`` keys) load as they did."""
+    _check_arguments(model, state)
     expected = model.state_dict()
     owners = _layout_owners(model)
     optional = {k for k in owners if k not in state}
@@ -234,6 +235,26 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
             f"with; nothing was loaded. Its blocks add their kernels up differently: {problems[0]}"
             + (f" (and {len(problems) - 1} more blocks)" if len(problems) > 1 else ""))
     model.load_state_dict(state, strict=True)
+
+
+def _check_arguments(model: object, state: object) -> None:
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"acfx.load_state_dict_strict(model, state): model must be a torch.nn.Module, got "
+                        f"{type(model).__name__}")
+    if isinstance(state, (str, os.PathLike)):
+        raise TypeError(f"acfx.load_state_dict_strict: state is a path ({os.fspath(state)!r}), not a state_dict: "
+                        "read it first (torch.load(path, map_location='cpu'), or acfx.tools.checkpoint."
+                        "read_state_dict for a train.py checkpoint)")
+    if not isinstance(state, Mapping):
+        raise TypeError(f"acfx.load_state_dict_strict: state must be a mapping of names to tensors (a state_dict), "
+                        f"got {type(state).__name__}")
+    odd = [f"{k} ({type(v).__name__})" for k, v in state.items()
+           if not isinstance(v, torch.Tensor) and not str(k).endswith("_extra_state")]  # set_extra_state's: any
+    if odd:
+        raise TypeError("acfx.load_state_dict_strict: every value of a state_dict must be a tensor (but a module's "
+                        "_extra_state); nothing was "
+                        f"loaded. Not tensors: {', '.join(odd[:5])}" + (f" and {len(odd) - 5} more" if len(odd) > 5
+                                                                        else ""))
 
 
 def write_state_dict(state: Mapping[str, torch.Tensor], path: Union[str, os.PathLike]) -> None:
