@@ -61,6 +61,11 @@ def _entrypoint(base: str) -> Callable:
     def create(pretrained: bool = False, pretrained_cfg=None, **kwargs):
         options = {name: kwargs.pop(f"acb_{name}") for name in _OPTIONS if f"acb_{name}" in kwargs}
         impl = kwargs.pop("acb_impl", None)
+        unknown = sorted(k for k in kwargs if k.startswith(PREFIX))
+        if unknown:
+            raise TypeError(f"acfx.timm: {', '.join(unknown)} {'is not an' if len(unknown) == 1 else 'are not'} "
+                            f"acb_ keyword{'s' if len(unknown) > 1 else ''} of {PREFIX}{base}; they are "
+                            f"{', '.join(PREFIX + o for o in _OPTIONS + ('impl',))}")
         options.setdefault("init", "preserve" if pretrained else "scratch")
         name = base
         if isinstance(pretrained_cfg, str):  # a tag, from "acb_resnet50.a1_in1k"

@@ -4,6 +4,7 @@ import importlib
 import subprocess
 import sys
 
+import pytest
 import timm
 import torch
 from PIL import Image
@@ -38,6 +39,11 @@ def test_create_model_passes_arguments_through():
     assert hor_only.layer1[0].conv1.ver is None and hor_only.layer1[0].conv1.hor_bn is None
     stacked = timm.create_model("acb_resnet18", acb_impl="stacked")
     assert {m.impl for m in stacked.modules() if isinstance(m, acfx.ACBlock)} == {"stacked"}
+
+
+def test_an_unknown_acb_keyword_is_named_with_the_ones_there_are():
+    with pytest.raises(TypeError, match=r"acb_kxk is not an acb_ keyword of acb_resnet18; they are .*acb_kxk_branches"):
+        timm.create_model("acb_resnet18", acb_kxk=2)
 
 
 def test_pretrained_loads_base_weights_then_preserves_the_function(tmp_path):
