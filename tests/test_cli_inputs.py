@@ -137,3 +137,15 @@ def test_checkpoint_without_recorded_layouts_warns_and_num_classes_may_come_as_a
                  "-o", str(out)]) == 0
     assert "records no block layouts" in capsys.readouterr().err
     _collapses_to(out, "resnet10t", model, torch.randn(2, 3, 64, 64), num_classes=10)
+
+
+def test_a_model_argument_that_stops_tracing_is_named_when_the_checkpoint_does_not_load(tmp_path, capsys):
+    """--model-kwargs drop_rate=abc builds a resnet whose forward no longer traces, so its stem conv is not
+    expanded: the mismatch names that site and why, not only 'other expand options'."""
+    path = tmp_path / "acb.pth"
+    torch.save(_trained("acb_resnet10t").state_dict(), path)
+    assert main(["collapse", str(path), "--model", "resnet10t", "--model-kwargs", "drop_rate=abc",
+                 "-o", str(tmp_path / "plain.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "expand left in this model: conv1.6" in err and "'<model>' does not trace here" in err, err
+    assert not (tmp_path / "plain.pth").exists()

@@ -20,6 +20,7 @@ import torch
 import torch.nn as nn
 
 from ..layers.recorded_layout import LAYOUT_KEY, RecordedLayout
+from ..passes.report import Report
 from .atomic_write import save_safetensors, write_atomically
 from .checkpoint_files import Container, ShardSet, read_container
 from .container_writing import ContainerPlan, Dropped, check_container_output, plan_container, write_container
@@ -28,7 +29,8 @@ from .state_location import ModelKeys, Selection, StateLocation, locate_state, s
 __all__ = ["Checkpoint", "Container", "ShardSet", "ModelKeys", "StateLocation", "Selection", "Dropped",
            "ContainerPlan", "read_container", "locate_state", "read_checkpoint", "read_state_dict",
            "checkpoint_info", "load_state_dict_strict", "write_state_dict", "plan_container", "write_container",
-           "check_container_output", "CheckpointMismatch", "LAYOUT_KEY", "expanded_sites", "expanded_mode"]
+           "check_container_output", "CheckpointMismatch", "LAYOUT_KEY", "expanded_sites", "expanded_mode",
+           "load_into_expanded"]
 
 _ACB_MARKERS = (".square.weight", ".hor.weight", ".ver.weight")
 _ONLINE_MARKERS = (".square_scale",)
@@ -235,6 +237,38 @@ def load_state_dict_strict(model: nn.Module, state: Mapping[str, torch.Tensor], 
             f"with; nothing was loaded. Its blocks add their kernels up differently: {problems[0]}"
             + (f" (and {len(problems) - 1} more blocks)" if len(problems) > 1 else ""))
     model.load_state_dict(state, strict=True)
+
+
+def load_into_expanded(model: nn.Module, report: Report, state: Mapping[str, torch.Tensor],
+                       source: Optional[str] = None) -> None:
+    """:func:`load_state_dict_strict` into a model ``expand`` just rewrote (``report`` is its report). On a
+    mismatch, the sites the checkpoint holds expanded that expand left here are named with expand's reason:
+    a model built otherwise than in training (another argument) may not trace where it did."""
+    try:
+        load_state_dict_strict(model, state, source)
+    except CheckpointMismatch as error:
+        note = _unexpanded_note(expanded_sites(state), report)
+        if not note:
+            raise
+        raise CheckpointMismatch(f"{error}{note}") from None
+
+
+def _unexpanded_note(sites: Set[str], report: Report) -> str:
+    done = {e.name for e in report.of("expanded")}
+    reasons = {e.name: e.detail for e in report.entries if e.name in sites and e.name not in done}
+    untraced = report.of("untraced")
+    for site in sorted(sites - done - set(reasons)):
+        owner = max((e for e in untraced if e.name == "" or site.startswith(e.name + ".")),
+                    key=lambda e: len(e.name), default=None)
+        if owner is not None:
+            reasons[site] = f"in '{owner.name or '<model>'}', which does not trace here ({owner.detail})"
+    if not reasons:
+        return ""
+    listed = "; ".join(f"{name}: {detail}" for name, detail in sorted(reasons.items())[:3])
+    more = f" (and {len(reasons) - 3} more)" if len(reasons) > 3 else ""
+    parts = "".join(f" '{e.name or '<model>'}' does not trace here ({e.detail})." for e in untraced[:2])
+    return (f" The checkpoint holds {len(reasons)} site(s) expanded that expand left in this model: {listed}{more}."
+            f"{parts} Build the model with the arguments it was trained with.")
 
 
 def _check_arguments(model: object, state: object) -> None:

@@ -316,7 +316,7 @@ def cmd_expand(args: argparse.Namespace) -> int:
 
 def cmd_kernels(args: argparse.Namespace) -> int:
     from ..passes.expand import expand
-    from .checkpoint import expanded_mode, load_state_dict_strict
+    from .checkpoint import expanded_mode, load_into_expanded, load_state_dict_strict
     from .convert import build_matching
     from .kernels import format_grid, kernel_magnitude, save_heatmap
     from .outputs import output_path
@@ -327,8 +327,10 @@ def cmd_kernels(args: argparse.Namespace) -> int:
     model = build_matching(name, state, args.num_classes, **kwargs)
     expanded = expanded_mode(state) is not None
     if expanded:
-        model = expand(model, inplace=True, **_expand_kwargs(args, acb))
-    load_state_dict_strict(model, state, checkpoint.source)
+        model, report = expand(model, inplace=True, return_report=True, **_expand_kwargs(args, acb))
+        load_into_expanded(model, report, state, checkpoint.source)
+    else:
+        load_state_dict_strict(model, state, checkpoint.source)
     size = (args.kernel_size, args.kernel_size) if args.kernel_size else None
     matrix, layers = kernel_magnitude(model.eval(), size)
     kind = "expanded (ACNet), fused" if expanded else "plain, BN folded"

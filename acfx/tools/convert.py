@@ -22,6 +22,7 @@ from .checkpoint import (
     Checkpoint,
     expanded_mode,
     expanded_sites,
+    load_into_expanded,
     load_state_dict_strict,
     read_checkpoint,
     write_state_dict,
@@ -176,8 +177,8 @@ def collapse_checkpoint(checkpoint: CheckpointLike, name: str, output: str, *, u
     sites = expanded_sites(record.state)
     if sites and "filter_fn" not in expand_kwargs:  # a conv frozen or excluded in training stayed plain
         expand_kwargs["filter_fn"] = lambda conv, conv_name: conv_name in sites
-    expanded = expand(plain, inplace=True, **expand_kwargs)
-    load_state_dict_strict(expanded, record.state, record.source)
+    expanded, expanded_report = expand(plain, inplace=True, return_report=True, **expand_kwargs)
+    load_into_expanded(expanded, expanded_report, record.state, record.source)
     # acfx's blocks only: the output is the checkpoint of the model as built (its own rep blocks as trained)
     collapsed, report = collapse(expanded.eval(), blocks="acfx", fold_bn=fold_bn, return_report=True)
     result = Conversion(name, record.path, output, report, float("nan"), getattr(plain, "num_classes", None),
