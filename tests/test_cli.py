@@ -101,6 +101,16 @@ def test_kernels_prints_the_grid_and_writes_a_heatmap(tmp_path, capsys):
     assert "(expanded (ACNet), fused), 16 layers of 3x3" in capsys.readouterr().out
 
 
+def test_kernels_without_matplotlib_prints_the_grid_then_says_what_to_install(tmp_path, capsys, monkeypatch):
+    _, plain = _save_plain(tmp_path)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    png = tmp_path / "k.png"
+    assert main(["kernels", str(plain), "--model", "resnet18", "-o", str(png)]) == 2
+    captured = capsys.readouterr()
+    assert "16 layers of 3x3" in captured.out and "pip install 'acfx[plot]'" in captured.err, captured.err
+    assert not png.exists()
+
+
 def test_collapse_of_a_wrong_fusion_writes_nothing(tmp_path, capsys, monkeypatch):
     """A conversion that is not exact (here a sabotaged fusion, 1% off) exits 1 and writes no checkpoint."""
     import acfx.layers.block as block

@@ -485,12 +485,16 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[List[str]] = None) -> int:
     """Entry point of the `acfx` command; returns the exit code (2 for bad input, which the commands raise as
-    ValueError or OSError; other exceptions are bugs and propagate with their traceback)."""
+    ValueError or OSError, or a missing optional dependency; other exceptions are bugs and propagate with
+    their traceback)."""
     args = _parser().parse_args(argv)
     try:
         return args.func(args)
     except (ValueError, OSError) as error:  # the user's input: a checkpoint, a path, a model or its arguments;
         print(f"acfx {args.command}: error: {error}", file=sys.stderr)  # anything else is acfx's bug: traceback
+        return 2
+    except ImportError as error:  # an optional dependency (matplotlib for the heat map) that is not installed
+        print(f"acfx {args.command}: error: {error}", file=sys.stderr)
         return 2
 
 

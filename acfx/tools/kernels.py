@@ -51,7 +51,11 @@ def format_grid(matrix: torch.Tensor) -> str:
 
 
 def save_heatmap(matrix: torch.Tensor, path: str, title: str) -> None:
-    import matplotlib
+    try:
+        import matplotlib
+    except ImportError:
+        raise ImportError(f"the heat map ({path}) is drawn with matplotlib, which is not installed: "
+                           "pip install 'acfx[plot]' (the numbers above are the same)") from None
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
