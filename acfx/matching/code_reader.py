@@ -27,6 +27,7 @@ import sys
 import types
 from typing import Dict, FrozenSet, Iterable, List, Optional, Sequence, Set, Tuple
 
+import torch
 import torch.nn as nn
 
 from .bytecode_names import reachable_names
@@ -72,10 +73,17 @@ _CALLS = {"__call__", "_call_impl", "_wrapped_call_impl", "forward"}
 _HARMLESS = {"train", "eval", "to", "cpu", "cuda", "xpu", "mps", "half", "float", "double", "bfloat16", "type",
              "zero_grad", "requires_grad_", "extra_repr", "__repr__", "_get_name", "__dir__", "__getstate__",
              "register_buffer", "register_parameter", "__setstate__", "share_memory"}
+# Those of them that return the module itself (``self.blk.eval().conv`` is blk.conv).
+_RETURN_SELF = {"train", "eval", "to", "cpu", "cuda", "xpu", "mps", "half", "float", "double", "bfloat16", "type",
+                "requires_grad_", "share_memory"}
 # Methods that give the tensors below a module: their values are read (expand replaces them), unless only a
 # tensor's device or dtype is (``next(self.parameters()).device``, see CodeReader._e_Attribute).
 _TENSOR_LISTS = {"parameters", "named_parameters", "buffers", "named_buffers", "state_dict", "_named_members"}
 _TENSOR_GETTERS = {"get_parameter", "get_buffer"}
+# Methods of a Python container of modules, read as the builtin that gives the same (see _container_method).
+_CONTAINER_METHODS = ((list, {"values", "copy", "__iter__", "__reversed__"}), (enumerate, {"items"}),
+                      (next, {"get", "__getitem__", "pop"}), (len, {"keys", "index", "count", "__len__",
+                                                               "__contains__"}))
 # What ``next(module.parameters())`` may be read for without its values mattering.
 _TENSOR_METADATA = {"device", "dtype", "is_cuda", "is_cpu", "is_meta"}
 _CONTAINERS = {"children": (CHILD, 1), "named_children": (CHILD, 2), "modules": (ANY, 1), "named_modules": (ANY, 2)}
@@ -192,6 +200,8 @@ class CodeReader:
         self.paths: Dict[int, Path] = {}
         for name, module in root.named_modules():
             self.paths.setdefault(id(module), tuple(name.split(".")) if name else ())
+        for name, tensor in [*root.named_parameters(), *root.named_buffers()]:  # held elsewhere too (a partial)
+            self.paths.setdefault(id(tensor), tuple(name.split(".")))
         self._uses: Dict[Tuple, Use] = {}
         self.anything: Optional[str] = None
         self._summaries: Dict[Tuple, Value] = {}
@@ -380,10 +390,14 @@ class CodeReader:
         out: Set[object] = set()
         for atom in callee:
             if isinstance(atom, Ref):
-                path = atom.path if atom.depth == 0 else atom.path
+                path = atom.path
                 self._use(path, f"calls {path_text(path)}", frame)
-                self._hand_over(args.values(), frame, f"the module {path_text(path)}")
-                out.add(UNKNOWN)
+                held = [o for o in self.objects(path) if not isinstance(o, nn.Module)] if atom.depth == 0 else []
+                for obj in held:  # a Python object the model holds, called: what it runs
+                    out |= self._call_held_object(obj, path, args, frame)
+                if len(held) < len(self.objects(path)) or atom.depth or not held:
+                    self._hand_over(args.values(), frame, f"the module {path_text(path)}")
+                    out.add(UNKNOWN)
             elif isinstance(atom, Bound):
                 out |= self._call_bound(atom, args, frame)
             elif isinstance(atom, Known):
@@ -412,6 +426,8 @@ class CodeReader:
                 self._hand_over(args.values(), frame, f"the module {path_text(path)}")
             elif method in _HARMLESS:
                 self._use(path, f"calls {path_text(path)}.{method}()", frame)
+                if method in _RETURN_SELF:
+                    out.add(Ref(path))
             elif method in _TENSOR_LISTS:
                 self._use(path, f"reads the tensors below {path_text(path)} ({method}())", frame, below=True)
             elif method in _TENSOR_GETTERS and args.positional and _decided_str(args.positional[0]):
@@ -554,7 +570,7 @@ class CodeReader:
     def _ref_attribute(self, ref: Ref, attribute: str, frame: _Frame) -> Value:
         path = ref.path
         if ref.depth:
-            return frozenset({UNKNOWN})  # a method of a Python container
+            return self._container_method(ref, attribute, frame)
         if attribute == "__dict__":
             self._use(path, f"reads {path_text(path)}.__dict__", frame, below=True)
             return frozenset({UNKNOWN})
@@ -569,13 +585,48 @@ class CodeReader:
             out |= self._object_attribute(obj, path, attribute, frame)
         return frozenset(out) or frozenset({UNKNOWN})
 
+    def _plain_attribute(self, obj: object, path: Path, attribute: str) -> Value:
+        """An attribute of a Python object (not a module) the model holds at ``path``: a method of its class
+        is followed with the object as self; a value it holds is also what it is (a module of the model held
+        there is that module, at its own path)."""
+        child = path + (attribute,)
+        if isinstance(obj, torch.Tensor):
+            return frozenset({Ref(child)})
+        static = inspect.getattr_static(obj, attribute, _MISSING)
+        if isinstance(static, types.FunctionType) and attribute not in getattr(obj, "__dict__", {}):
+            return frozenset({Bound.of(static, frozenset({Ref(path)}), _defining_class(type(obj), attribute))})
+        if attribute in getattr(obj, "__dict__", {}):
+            return self.value_of(static) | {Ref(child)}
+        return frozenset({Ref(child)})
+
+    def _call_held_object(self, obj: object, path: Path, args: _Args, frame: _Frame) -> Value:
+        """A Python object (not a module) the model holds at ``path``, called: its class's ``__call__`` read
+        with the object as self, or the callable itself (a partial, a function) as any call of it is."""
+        call = inspect.getattr_static(type(obj), "__call__", None)
+        if isinstance(obj, (types.FunctionType, types.MethodType, functools.partial)) or not \
+                isinstance(call, types.FunctionType):
+            return self._call_known(obj, args, frame)
+        bound = _Args([frozenset({Ref(path)})] + args.positional, args.keywords, args.extra, args.extra_keywords)
+        return self._call_python(call, bound, frame, owner=_defining_class(type(obj), "__call__"))
+
+    def _container_method(self, ref: Ref, attribute: str, frame: _Frame) -> Value:
+        """A method of a Python container holding modules of the model (a ModuleDict's ``_modules``, a list
+        attribute), as the builtin that gives what it gives: its items (``values()``), (key, item) pairs
+        (``items()``), one item (``get(k)``), or no module (``keys()``). Any other method may change the
+        container or hand its items on: everything below it is used."""
+        for builtin, methods in _CONTAINER_METHODS:
+            if attribute in methods:
+                return frozenset({Bound.of(builtin, frozenset({ref}), None)})
+        self._use(ref.path, f"calls {attribute}() of the container {path_text(ref.path)}", frame, below=True)
+        return frozenset({UNKNOWN})
+
     def _object_attribute(self, obj: object, path: Path, attribute: str, frame: _Frame) -> Value:
         child = path + (attribute,)
         if attribute == "__class__":
             return frozenset({Known(type(obj))})
         if not isinstance(obj, nn.Module):
             self._use(child, f"reads {path_text(child)}", frame)
-            return frozenset({Ref(child)})
+            return self._plain_attribute(obj, path, attribute)
         if attribute in obj._modules or attribute in obj._parameters or attribute in obj._buffers:
             self._use(child, f"reads {path_text(child)}", frame)
             return frozenset({Ref(child)})
@@ -779,10 +830,9 @@ class CodeReader:
                 self.value_of(value) if value is not _MISSING else {UNKNOWN})
 
     def _s_FunctionDef(self, node, frame):
-        for expr in node.decorator_list + node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
+        for expr in node.decorator_list:
             self._expr(expr, frame)
-        for arg in _arguments(node.args):
-            frame.env.setdefault(arg, set()).add(UNKNOWN)
+        self._bind_arguments(node.args, frame)
         frame.env.setdefault(node.name, set()).add(UNKNOWN)
         self._block(node.body, frame)  # read where it is defined: its uses count wherever it runs
 
@@ -1059,11 +1109,20 @@ class CodeReader:
     def _e_DictComp(self, node, frame):
         return self._comprehension(node, frame, node.key, node.value)
 
-    def _e_Lambda(self, node, frame):
-        for default in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
-            self._expr(default, frame)
-        for arg in _arguments(node.args):
+    def _bind_arguments(self, args: ast.arguments, frame: _Frame) -> None:
+        """The arguments of a function or lambda written in the code, read where it is written: any value, or
+        its default (``lambda t, m=self.blk: m.conv(t)`` uses blk.conv)."""
+        positional = getattr(args, "posonlyargs", []) + args.args
+        defaulted = list(zip(positional[len(positional) - len(args.defaults):], args.defaults))
+        defaulted += [(a, d) for a, d in zip(args.kwonlyargs, args.kw_defaults) if d is not None]
+        defaults = [(arg.arg, self._expr(default, frame)) for arg, default in defaulted]  # in the outer scope
+        for arg in _arguments(args):
             frame.env.setdefault(arg, set()).add(UNKNOWN)
+        for name, value in defaults:
+            frame.env[name].update(value)
+
+    def _e_Lambda(self, node, frame):
+        self._bind_arguments(node.args, frame)
         self._expr(node.body, frame)  # read where it is written: its uses count wherever it runs
         return frozenset({UNKNOWN})
 

@@ -261,7 +261,7 @@ def trace_parts(root: nn.Module, make_tracer, skip: Tuple[type, ...] = (), train
     untraced: List[UntracedPart] = []
     copied = skeleton_copy(root)
     subject = copied if copied is not None else root
-    real = dict(root.named_modules())
+    real = dict(root.named_modules(remove_duplicate=False))  # a module under two names is at both
 
     def visit(name: str, module: nn.Module) -> None:
         tracer = make_tracer()
