@@ -149,3 +149,14 @@ def test_a_model_argument_that_stops_tracing_is_named_when_the_checkpoint_does_n
     err = capsys.readouterr().err
     assert "expand left in this model: conv1.6" in err and "'<model>' does not trace here" in err, err
     assert not (tmp_path / "plain.pth").exists()
+
+
+def test_a_checkpoint_of_another_recipe_is_refused_with_the_recipe_named(tmp_path, capsys):
+    path = tmp_path / "dbb.pth"
+    torch.save(acfx.expand(_trained("resnet10t"), recipe="dbb").state_dict(), path)
+    assert main(["collapse", str(path), "--model", "resnet10t", "-o", str(tmp_path / "plain.pth")]) == 2
+    err = capsys.readouterr().err
+    assert "recipe='dbb' (--recipe dbb) builds those" in err, err
+    assert not (tmp_path / "plain.pth").exists()
+    assert main(["collapse", str(path), "--model", "resnet10t", "--recipe", "dbb",
+                 "-o", str(tmp_path / "plain.pth")]) == 0

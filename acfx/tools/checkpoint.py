@@ -175,11 +175,44 @@ def _hint(model: nn.Module, model_keys, checkpoint_keys, missing, unexpected, sh
     if not _whole_modules(missing, model_keys) or not _whole_modules(unexpected, checkpoint_keys):
         return (" Some modules lack only part of their tensors: the checkpoint is incomplete or was edited; "
                 "use the file training wrote.")
-    if model_mode and checkpoint_mode and not shapes:
-        return (" Both are expanded, with different options (branches, norm, include_unnormed) or different "
-                "sites (a conv frozen or excluded in training): expand with the options the checkpoint was "
-                "trained with.")
+    layouts_only = all(s.split(" ")[0].endswith("." + LAYOUT_KEY) for s in shapes)  # its length: the branches
+    if model_mode and checkpoint_mode and layouts_only:
+        return (" Both are expanded, with different options (recipe, branches, norm, include_unnormed) or "
+                "different sites (a conv frozen or excluded in training): expand with the options the checkpoint "
+                "was trained with." + _branches_hint(model_keys, checkpoint_keys))
     return " Is it a checkpoint of this architecture (and num_classes)?"
+
+
+def _branches_hint(model_keys, checkpoint_keys) -> str:
+    """The branches the checkpoint's blocks have beside the model's, and the built-in recipe that builds
+    them, from a site both hold expanded."""
+    common = sorted(expanded_sites(dict.fromkeys(model_keys)) & expanded_sites(dict.fromkeys(checkpoint_keys)))
+    if not common:
+        return ""
+    theirs, ours = _branches_of(checkpoint_keys, common[0]), _branches_of(model_keys, common[0])
+    if theirs == ours:
+        return ""
+    recipe = next((name for name, built in _recipe_branches().items() if built == theirs), None)
+    return (f" At {common[0]} the checkpoint has the branches {', '.join(sorted(theirs))} and the model "
+            f"{', '.join(sorted(ours))}" + (f": recipe='{recipe}' (--recipe {recipe}) builds those." if recipe else "."))
+
+
+def _branches_of(keys, site: str) -> frozenset:
+    """The branch convs of the expanded ``site`` (exact mode: its child modules other than BNs)."""
+    prefix = site + "."
+    return frozenset(k[len(prefix):].split(".")[0] for k in keys
+                     if k.startswith(prefix) and k.endswith(".weight") and "_bn." not in k[len(prefix):])
+
+
+def _recipe_branches() -> Dict[str, frozenset]:
+    """Each built-in recipe's branch convs on a 3×3 conv→BN of 8 channels (what its checkpoint keys hold)."""
+    from ..layers.recipe import RECIPES
+    from ..passes.expand import expand
+    found = {}
+    for name in RECIPES:
+        model = expand(nn.Sequential(nn.Conv2d(8, 8, 3, padding=1, bias=False), nn.BatchNorm2d(8)), recipe=name)
+        found[name] = _branches_of(model.state_dict(), "0")
+    return found
 
 
 def _listing(title: str, keys: List[str], limit: int = 12) -> str:
