@@ -7,7 +7,7 @@ so that collapsing a float32 model adds no error of its own beyond one rounding.
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence, Tuple, Union
+from typing import List, Optional, Sequence, Tuple, Union
 
 import torch
 import torch.nn as nn
@@ -48,26 +48,25 @@ def _term_map(term: Term, size: Tuple[int, int], dtype: torch.dtype) -> ConvMap:
     return found.embedded(size, term.offset)
 
 
-def _check_result(names: Sequence[str], kernel: torch.Tensor, bias: Optional[torch.Tensor],
-                  weights: Sequence[torch.Tensor]) -> None:
-    """Non-finite weights are found in the result, then named (the slow path runs only on error)."""
-    if not bool(torch.isfinite(kernel).all()):
-        for name, weight in zip(names, weights):
-            check_finite(name, "weight", weight.detach())
-        check_finite(names[0], "fused kernel", kernel)
-    check_finite(names[0], "fused bias", bias)
-
-
-def _check_block_result(block: nn.Module, name: str, kernel: torch.Tensor, bias: Optional[torch.Tensor]) -> None:
-    """A block's fused kernel and bias must be finite; else the first non-finite tensor of the block is named
-    (its BNs' are checked as they are folded; a branch conv's weight is found here)."""
+def _check_result(label: str, kernel: torch.Tensor, bias: Optional[torch.Tensor],
+                  tensors: Sequence[Tuple[str, str, torch.Tensor]]) -> None:
+    """A fused kernel and bias must be finite; else the first non-finite of ``tensors`` ((module name, what,
+    tensor): the weights they were fused from) is named, then the result (the slow path runs only on error)."""
     if bool(torch.isfinite(kernel).all()) and (bias is None or bool(torch.isfinite(bias).all())):
         return
+    for name, what, tensor in tensors:
+        check_finite(name, what, tensor.detach())
+    check_finite(label, "fused kernel", kernel)
+    check_finite(label, "fused bias", bias)
+
+
+def _named_tensors(block: nn.Module, name: str) -> List[Tuple[str, str, torch.Tensor]]:
+    """(module name, tensor name, tensor) of each parameter of ``block`` (at ``name`` in the model)."""
+    found = []
     for path, tensor in block.named_parameters():
         module, _, what = path.rpartition(".")
-        check_finite(f"{name}.{module}" if name else module, what, tensor.detach())
-    check_finite(name or "the block", "fused kernel", kernel)
-    check_finite(name or "the block", "fused bias", bias)
+        found.append((f"{name}.{module}" if name else module, what, tensor))
+    return found
 
 
 def combine(terms: Sequence[Term], size: Tuple[int, int]) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
@@ -83,7 +82,7 @@ def combine(terms: Sequence[Term], size: Tuple[int, int]) -> Tuple[torch.Tensor,
     bias = None
     for b in biases:
         bias = b if bias is None else bias + b
-    _check_result([t.name for t in terms], kernel, bias, [t.weight for t in terms])
+    _check_result(terms[0].name, kernel, bias, [(t.name, "weight", t.weight) for t in terms])
     return kernel, bias
 
 
@@ -113,7 +112,7 @@ def fold_into_conv(conv: nn.Module, norm: nn.Module, conv_name: str, norm_name: 
     found = ConvMap(kernel.unsqueeze(2) if one_d else kernel, None if conv.bias is None else conv.bias.detach().to(dtype))
     scale, shift = norm_affine(norm, norm_name)
     folded = found.then_affine(scale.to(dtype), shift.to(dtype))
-    _check_result([conv_name], folded.kernel, folded.bias, [weight])
+    _check_result(conv_name, folded.kernel, folded.bias, [(conv_name, "weight", weight)])
     return (folded.kernel[:, :, 0] if one_d else folded.kernel), folded.bias
 
 
@@ -159,7 +158,7 @@ def fuse_pair(block: Optional[nn.Module], restore_tail: bool = True, name: str =
     if block is None:
         return None, None
     kernel, bias = block.fused(f"{name}." if name else "")
-    _check_block_result(block, name, kernel, bias)
+    _check_result(name or "the block", kernel, bias, _named_tensors(block, name))
     primary = block.primary_conv()
     keep_bias = primary.bias is not None
     tail = block.tail()

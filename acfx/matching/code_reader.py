@@ -392,10 +392,11 @@ class CodeReader:
             if isinstance(atom, Ref):
                 path = atom.path
                 self._use(path, f"calls {path_text(path)}", frame)
-                held = [o for o in self.objects(path) if not isinstance(o, nn.Module)] if atom.depth == 0 else []
+                objects = self.objects(path) if atom.depth == 0 else []
+                held = [o for o in objects if not isinstance(o, nn.Module)]
                 for obj in held:  # a Python object the model holds, called: what it runs
                     out |= self._call_held_object(obj, path, args, frame)
-                if len(held) < len(self.objects(path)) or atom.depth or not held:
+                if not held or len(held) < len(objects):  # a module (or what a container holds) is called
                     self._hand_over(args.values(), frame, f"the module {path_text(path)}")
                     out.add(UNKNOWN)
             elif isinstance(atom, Bound):
